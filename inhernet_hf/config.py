@@ -1,0 +1,195 @@
+"""`InherConfig`: what to inherit, at which rank, and how to initialise it (PEFT-style dataclass)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft import TaskType
+
+INIT_CHOICES = ("svd", "svd_lowrank", "random")
+HEAD_INIT_CHOICES = ("balanced", "paper", "demo")
+GATE_CHOICES = ("softmax", "none")
+GATE_INPUT_CHOICES = ("latent", "input")
+STRUCTURE_CHOICES = ("asymmetric", "symmetric")
+TASK_TYPE_CHOICES = tuple(t.value for t in TaskType)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"InherConfig.{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}.")
+
+
+def _check_rank_or_ratio(name: str, value: Any) -> None:
+    """A rank is an int >= 1; a ratio is a float in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} must be an int rank (>= 1) or a float ratio in (0, 1].")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{name}={value} is not a valid rank; a rank must be an int >= 1.")
+    elif not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"{name}={value} is not a valid ratio; a ratio must lie in (0, 1].")
+
+
+def _check_module_names(name: str, value: Any, allow_all_linear: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        if value == "all-linear" and allow_all_linear:
+            return
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"InherConfig.{name}={value!r} is not a valid regular expression: {err}.") from None
+        return
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(
+            f"InherConfig.{name}={value!r} must be a regex string"
+            + (", 'all-linear'" if allow_all_linear else "")
+            + " or a list of module names."
+        )
+
+
+@dataclass
+class InherConfig:
+    """Configuration of an inherited (InherNet) model.
+
+    Each targeted weight W (out x in) becomes `y = sum_m g_m(h) (W_u^m h + b)` with `h = W_d x`,
+    `W_d` (r x in) shared and M heads `W_u^m` (out x r), initialised from the truncated SVD of W.
+    Give exactly one of `r` (one rank for every target) and `target_ratio` (fraction of the targeted
+    layers' parameters to keep).
+    """
+
+    r: Optional[int] = field(
+        default=None, metadata={"help": "Rank of every inherited layer. Exactly one of `r` and `target_ratio`."}
+    )
+    target_ratio: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Fraction in (0, 1] of the targeted layers' dense parameters that the inherited layers keep, "
+            "counting everything they hold (down-projection, heads, head biases, gate). Exactly one of `r` and "
+            "`target_ratio`. Layers of the same shape get the same rank."
+        },
+    )
+    num_heads: int = field(default=2, metadata={"help": "Number M of up-projection heads mixed by the gate."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules to inherit. A string is a regex matched against the full module name (re.fullmatch); "
+            "a list matches exact names or dotted suffixes; 'all-linear' takes every Linear/Conv1D except the "
+            "output embeddings, classification heads and multimodal projectors. None uses the built-in default "
+            "of the model type (attention and MLP projections)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Modules never to inherit, same matching rules as `target_modules`; wins over it."},
+    )
+    rank_pattern: dict[str, Union[int, float]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module overrides: regex (matched against the end of the module name, as in PEFT) -> "
+            "int rank or float ratio in (0, 1]. The first matching key wins."
+        },
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules kept dense and trainable, never inherited (e.g. the classifier). For task_type "
+            "'SEQ_CLS' the classification head ('classifier', 'score') is always kept."
+        },
+    )
+    init: str = field(
+        default="svd",
+        metadata={
+            "help": "'svd' (exact torch.linalg.svd), 'svd_lowrank' (randomised, see `svd_niter`) or 'random' "
+            "(same structure, Kaiming init: the paper's 'w.o. SVD' ablation)."
+        },
+    )
+    svd_niter: int = field(default=4, metadata={"help": "Subspace iterations of init='svd_lowrank'."})
+    head_init: str = field(
+        default="balanced",
+        metadata={
+            "help": "'balanced': W_d = S^1/2 V^T, every head U S^1/2, so the layer computes W_r x + b at init; "
+            "'paper' (heads scaled by 1/M) and 'demo' (W_d = V^T, heads U S / M) give W_r x / M + b."
+        },
+    )
+    gate: str = field(
+        default="softmax", metadata={"help": "'softmax' per-token gate, or 'none' (plain mean of the heads)."}
+    )
+    gate_input: str = field(
+        default="latent", metadata={"help": "What the gate reads: 'latent' (h = W_d x) or 'input' (x)."}
+    )
+    structure: str = field(
+        default="asymmetric",
+        metadata={
+            "help": "'asymmetric' (one shared down-projection, M up heads) or 'symmetric' (M full down+up pairs, "
+            "the paper's LoRA+MoE-like ablation; ranks are solved under the same parameter accounting)."
+        },
+    )
+    task_type: Optional[str] = field(
+        default=None, metadata={"help": f"PEFT task type, one of {TASK_TYPE_CHOICES}, or None."}
+    )
+
+    def __post_init__(self) -> None:
+        if (self.r is None) == (self.target_ratio is None):
+            raise ValueError(
+                f"InherConfig needs exactly one of `r` and `target_ratio`; got r={self.r!r}, "
+                f"target_ratio={self.target_ratio!r}."
+            )
+        if self.r is not None:
+            if isinstance(self.r, bool) or not isinstance(self.r, int):
+                raise TypeError(f"InherConfig.r={self.r!r} must be an int >= 1.")
+            _check_rank_or_ratio("InherConfig.r", self.r)
+        if self.target_ratio is not None:
+            if isinstance(self.target_ratio, bool) or not isinstance(self.target_ratio, (int, float)):
+                raise TypeError(f"InherConfig.target_ratio={self.target_ratio!r} must be a float in (0, 1].")
+            self.target_ratio = float(self.target_ratio)
+            _check_rank_or_ratio("InherConfig.target_ratio", self.target_ratio)
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"InherConfig.num_heads={self.num_heads!r} must be an int >= 1.")
+        if isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int) or self.svd_niter < 0:
+            raise ValueError(f"InherConfig.svd_niter={self.svd_niter!r} must be an int >= 0.")
+        _check_choice("init", self.init, INIT_CHOICES)
+        _check_choice("head_init", self.head_init, HEAD_INIT_CHOICES)
+        _check_choice("gate", self.gate, GATE_CHOICES)
+        _check_choice("gate_input", self.gate_input, GATE_INPUT_CHOICES)
+        _check_choice("structure", self.structure, STRUCTURE_CHOICES)
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if self.task_type is not None:
+            _check_choice("task_type", self.task_type, TASK_TYPE_CHOICES)
+        _check_module_names("target_modules", self.target_modules, allow_all_linear=True)
+        _check_module_names("exclude_modules", self.exclude_modules, allow_all_linear=False)
+        _check_module_names("modules_to_save", self.modules_to_save, allow_all_linear=False)
+        if isinstance(self.modules_to_save, str):
+            raise TypeError(f"InherConfig.modules_to_save={self.modules_to_save!r} must be a list of module names.")
+        for seq_name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, seq_name)
+            if isinstance(value, (tuple, set)):
+                setattr(self, seq_name, sorted(value) if isinstance(value, set) else list(value))
+        if not isinstance(self.rank_pattern, dict):
+            raise TypeError(f"InherConfig.rank_pattern={self.rank_pattern!r} must be a dict of regex -> rank/ratio.")
+        for key, value in self.rank_pattern.items():
+            _check_module_names("rank_pattern key", key, allow_all_linear=False)
+            _check_rank_or_ratio(f"InherConfig.rank_pattern[{key!r}]", value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InherConfig":
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown InherConfig field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,191 @@
+"""`InherLinear`: the gated asymmetric layer that replaces a dense `nn.Linear` / `Conv1D`.
+
+    h = W_d x                       W_d: (r, in), shared            (symmetric: (M*r, in), one block per head)
+    g = softmax(W_g z + b_g)        z = h (gate_input="latent") or x ("input"); M logits per token
+    y = sum_m g_m (W_u^m h + b_m) = [W_u^1 ... W_u^M] (g (x) h) + g @ B
+
+The heads are stored concatenated in one `nn.Linear(M*r, out)` so the mixture is a single matmul over
+the (..., M*r) input `g (x) h`; no (..., M, out) tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SVD_OVERSAMPLING = 8  # extra columns for the randomised SVD's subspace (torch.svd_lowrank's `q`)
+
+
+def inher_num_params(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    num_heads: int,
+    bias: bool,
+    gate: str = "softmax",
+    gate_input: str = "latent",
+    structure: str = "asymmetric",
+) -> int:
+    """Exact number of parameters an `InherLinear` of this shape holds."""
+    latent = rank * num_heads if structure == "symmetric" else rank
+    n = latent * in_features + num_heads * rank * out_features
+    if bias:
+        n += num_heads * out_features
+    if gate == "softmax" and num_heads > 1:
+        n += num_heads * ((latent if gate_input == "latent" else in_features) + 1)
+    return n
+
+
+def truncated_svd(
+    weight: torch.Tensor, rank: int, method: str = "svd", niter: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Top-`rank` SVD of `weight` (out, in), computed in float32 (float64 if the weight is float64).
+
+    Returns U_r (out, r), S_r (r,), Vh_r (r, in) in the computation dtype, and the fraction of the
+    squared Frobenius norm ("energy") that the rank-r approximation keeps.
+    """
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    if method == "svd":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    elif method == "svd_lowrank":
+        q = min(rank + SVD_OVERSAMPLING, *w.shape)
+        u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
+        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
+    else:
+        raise ValueError(f"Unknown SVD method {method!r}; allowed: 'svd', 'svd_lowrank'.")
+    total = w.square().sum()
+    energy = float(s.square().sum() / total) if total > 0 else 1.0
+    return u, s, vh, energy
+
+
+class InherLinear(nn.Module):
+    """Shared down-projection, `num_heads` up-projection heads, per-token softmax gate.
+
+    Args:
+        in_features, out_features: shape of the dense layer it replaces (y = W x + b, W: (out, in)).
+        rank: r, width of the latent h.
+        num_heads: M. With M = 1 there is no gate (a plain rank-r factorisation).
+        bias: whether each head carries a bias (the teacher's bias, copied per head).
+        gate: "softmax" or "none" (unweighted mean of the heads).
+        gate_input: "latent" (gate reads h) or "input" (gate reads x).
+        structure: "asymmetric" (shared W_d) or "symmetric" (one W_d block per head).
+
+    Input (..., in) -> output (..., out), any leading shape.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        num_heads: int = 2,
+        bias: bool = True,
+        gate: str = "softmax",
+        gate_input: str = "latent",
+        structure: str = "asymmetric",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.num_heads = rank, num_heads
+        self.gate, self.gate_input, self.structure = gate, gate_input, structure
+        factory = {"device": device, "dtype": dtype}
+        latent = rank * num_heads if structure == "symmetric" else rank
+        self.inher_down = nn.Linear(in_features, latent, bias=False, **factory)
+        self.inher_up = nn.Linear(num_heads * rank, out_features, bias=False, **factory)
+        self.inher_gate = None
+        if gate == "softmax" and num_heads > 1:
+            gate_in = latent if gate_input == "latent" else in_features
+            self.inher_gate = nn.Linear(gate_in, num_heads, **factory)
+        self.inher_bias = nn.Parameter(torch.empty(num_heads, out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform init of every part (the "random" init: same structure, no inheritance)."""
+        for module in (self.inher_down, self.inher_up, self.inher_gate):
+            if module is not None:
+                module.reset_parameters()
+        if self.inher_bias is not None:
+            bound = 1.0 / math.sqrt(self.inher_up.in_features)
+            nn.init.uniform_(self.inher_bias, -bound, bound)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def inherit_(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        init: str = "svd",
+        head_init: str = "balanced",
+        svd_niter: int = 4,
+    ) -> Optional[float]:
+        """Initialise from a teacher weight (out, in) and bias (out,). Returns the SVD energy kept.
+
+        init="random" keeps the Kaiming init and returns None. The SVD runs on the weight's device in
+        float32/float64; the factors are cast to this layer's dtype afterwards.
+        """
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"Teacher weight shape {tuple(weight.shape)} does not match InherLinear "
+                f"(out={self.out_features}, in={self.in_features})."
+            )
+        if init == "random":
+            self.reset_parameters()
+            return None
+        u, s, vh, energy = truncated_svd(weight, self.rank, init, svd_niter)
+        m = self.num_heads
+        if head_init == "balanced":
+            down, head = s.sqrt()[:, None] * vh, u * s.sqrt()
+        elif head_init == "paper":
+            down, head = s.sqrt()[:, None] * vh, u * s.sqrt() / m
+        elif head_init == "demo":
+            down, head = vh, u * s / m
+        else:
+            raise ValueError(f"Unknown head_init {head_init!r}; allowed: 'balanced', 'paper', 'demo'.")
+        if self.structure == "symmetric":
+            down = down.repeat(m, 1)
+        self.inher_down.weight.copy_(down)
+        self.inher_up.weight.copy_(head.repeat(1, m))
+        if self.inher_bias is not None:
+            if bias is None:
+                self.inher_bias.zero_()
+            else:
+                self.inher_bias.copy_(bias.detach().expand(m, -1))
+        return energy
+
+    def gate_weights(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Head weights g: (..., M) from the gate, or a constant (M,) of 1/M when there is none."""
+        if self.inher_gate is None:
+            return torch.full((self.num_heads,), 1.0 / self.num_heads, dtype=h.dtype, device=h.device)
+        logits = self.inher_gate(h if self.gate_input == "latent" else x)
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).to(h.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inher_down(x)
+        if self.num_heads == 1:
+            y = self.inher_up(h)
+            return y if self.inher_bias is None else y + self.inher_bias[0]
+        g = self.gate_weights(x, h)
+        if self.structure == "symmetric":
+            mixed = g.unsqueeze(-1) * h.unflatten(-1, (self.num_heads, self.rank))
+        else:
+            mixed = g.unsqueeze(-1) * h.unsqueeze(-2)
+        y = self.inher_up(mixed.flatten(-2))
+        if self.inher_bias is not None:
+            y = y + F.linear(g, self.inher_bias.T)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"num_heads={self.num_heads}, bias={self.inher_bias is not None}, gate={self.gate!r}, "
+            f"gate_input={self.gate_input!r}, structure={self.structure!r}"
+        )

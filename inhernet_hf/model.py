@@ -1,0 +1,214 @@
+"""`get_inher_model` and `InherModel`: plan ranks, replace the targets, report what was done."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from .config import InherConfig
+from .layer import InherLinear, inher_num_params
+from .targets import find_targets, matches
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one targeted layer. `rank` is None when the layer stayed dense."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    rank: Optional[int]
+    num_heads: int
+    dense_params: int
+    params: int
+    energy_kept: Optional[float] = None
+    note: str = ""
+
+    @property
+    def inherited(self) -> bool:
+        return self.rank is not None
+
+
+class InherReport:
+    """Per-layer table of an inherited model; `str()` renders it, `rows` holds the `LayerRecord`s."""
+
+    def __init__(self, rows: list[LayerRecord]) -> None:
+        self.rows = rows
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters the targeted layers held before inheritance."""
+        return sum(r.dense_params for r in self.rows)
+
+    @property
+    def params(self) -> int:
+        """Parameters the targeted layers hold now (inherited layers plus those kept dense)."""
+        return sum(r.params for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.params / self.dense_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [asdict(r) for r in self.rows], "dense_params": self.dense_params,
+                "params": self.params, "ratio": self.ratio}
+
+    def __str__(self) -> str:
+        header = ("layer", "shape (out x in)", "rank", "heads", "dense params", "params", "energy kept")
+        lines = [header]
+        for r in self.rows:
+            energy = "-" if r.energy_kept is None else f"{r.energy_kept:.4f}"
+            rank = str(r.rank) if r.inherited else f"dense ({r.note})"
+            lines.append((r.name, f"{r.out_features} x {r.in_features}", rank,
+                          str(r.num_heads if r.inherited else "-"), f"{r.dense_params:,}", f"{r.params:,}", energy))
+        n_inh = sum(r.inherited for r in self.rows)
+        lines.append((f"total ({n_inh} inherited, {len(self.rows) - n_inh} kept dense)", "", "", "",
+                      f"{self.dense_params:,}", f"{self.params:,}", f"ratio {self.ratio:.4f}"))
+        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+        fmt = lambda row: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        rule = "-+-".join("-" * w for w in widths)
+        return "\n".join([fmt(lines[0]), rule, *map(fmt, lines[1:-1]), rule, fmt(lines[-1])])
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in), whatever the layer's storage convention (Conv1D stores (in, out))."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def _rank_request(name: str, config: InherConfig) -> int | float:
+    """The user's rank or ratio for this layer: the first matching `rank_pattern` key, else the global one."""
+    for key, value in config.rank_pattern.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return value
+    return config.r if config.r is not None else config.target_ratio
+
+
+def plan_layer(name: str, module: nn.Module, config: InherConfig) -> LayerRecord:
+    """Rank and parameter count of one target; ranks from a ratio depend only on the layer's shape."""
+    weight = _dense_weight(module)
+    out_f, in_f = weight.shape
+    has_bias = module.bias is not None
+    dense = weight.numel() + (out_f if has_bias else 0)
+    count = lambda rank: inher_num_params(in_f, out_f, rank, config.num_heads, has_bias,
+                                          config.gate, config.gate_input, config.structure)
+    request = _rank_request(name, config)
+    if isinstance(request, int):
+        rank = request
+    else:  # params(rank) is affine in rank: solve params(rank) = ratio * dense, nearest integer
+        slope = count(1) - count(0)
+        rank = max(1, round((request * dense - count(0)) / slope))
+    record = LayerRecord(name, in_f, out_f, has_bias, rank, config.num_heads, dense, count(rank))
+    if rank > min(in_f, out_f) or record.params >= dense:
+        record.note = f"rank {rank} would hold {record.params:,} >= {dense:,} dense params"
+        record.rank, record.params = None, dense
+    return record
+
+
+def _check_weight(name: str, module: nn.Module) -> None:
+    weight = module.weight
+    if weight.dtype not in FLOAT_DTYPES or hasattr(weight, "quant_state") or hasattr(weight, "SCB"):
+        raise TypeError(
+            f"Module {name!r} has a {weight.dtype} weight of type {type(weight).__name__}: quantised or integer "
+            f"weights cannot be factored. Load the model in float32/float16/bfloat16 (dequantised) first."
+        )
+    if weight.device.type != "meta" and not torch.isfinite(weight).all():
+        raise ValueError(f"Module {name!r} has NaN or Inf values in its weight; cannot factor it.")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def get_inher_model(model: nn.Module, config: InherConfig, progressbar: bool = True) -> "InherModel":
+    """Replace the targeted projections of `model` by SVD-initialised `InherLinear` layers, in place.
+
+    Everything is validated before the first layer changes. Each dense weight is factored and dropped
+    before the next one is touched, so the model never holds two dense copies.
+    """
+    if not isinstance(config, InherConfig):
+        raise TypeError(f"config must be an InherConfig, got {type(config).__name__}.")
+    if isinstance(model, InherModel) or any(isinstance(m, InherLinear) for m in model.modules()):
+        raise ValueError("This model is already inherited (it contains InherLinear layers); inherit the dense model.")
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise TypeError("Quantised models cannot be inherited: load the model unquantised (float32/bf16/fp16).")
+    if config.modules_to_save:
+        names = [n for n, _ in model.named_modules() if n]
+        missing = [k for k in config.modules_to_save if not any(matches([k], n) for n in names)]
+        if missing:
+            raise ValueError(f"modules_to_save entries {missing} match no module of this model.")
+    targets = find_targets(model, config.target_modules, config.exclude_modules, config.modules_to_save,
+                           config.task_type)
+    modules = {name: model.get_submodule(name) for name in targets}
+    for name, module in modules.items():
+        _check_weight(name, module)
+    records = [plan_layer(name, module, config) for name, module in modules.items()]
+
+    for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
+        if not record.inherited:
+            continue
+        dense = modules.pop(record.name)
+        weight = _dense_weight(dense)
+        layer = InherLinear(record.in_features, record.out_features, record.rank, config.num_heads, record.bias,
+                            config.gate, config.gate_input, config.structure,
+                            device=weight.device, dtype=weight.dtype)
+        record.energy_kept = layer.inherit_(weight, dense.bias, config.init, config.head_init, config.svd_niter)
+        _replace(model, record.name, layer)
+        del dense, weight  # the dense weight is freed here, before the next layer is factored
+    for name in config.modules_to_save or []:
+        for module_name, module in model.named_modules():
+            if matches([name], module_name):
+                module.requires_grad_(True)
+    return InherModel(model, config, InherReport(records))
+
+
+class InherModel(nn.Module):
+    """A transformers model whose projections were inherited; forwards and generates like the original."""
+
+    def __init__(self, base_model: nn.Module, inher_config: InherConfig, report: InherReport) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.inher_config = inher_config
+        self._report = report
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def report(self) -> InherReport:
+        """Per-layer table: name, shape, rank, heads, params and energy kept; totals in the last row."""
+        return self._report
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT's method of the same name."""
+        return self.num_parameters(only_trainable=True), self.num_parameters()
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
