@@ -114,8 +114,10 @@ def plan_layer(name: str, module: nn.Module, config: InherConfig) -> LayerRecord
 
 
 def _check_weight(name: str, module: nn.Module) -> None:
+    """A plain floating-point Parameter (GGUF models qualify: transformers dequantises them on load);
+    integer dtypes and quantised tensor subclasses (bitsandbytes, torchao...) do not."""
     weight = module.weight
-    if weight.dtype not in FLOAT_DTYPES or hasattr(weight, "quant_state") or hasattr(weight, "SCB"):
+    if weight.dtype not in FLOAT_DTYPES or type(weight) not in (nn.Parameter, torch.Tensor):
         raise TypeError(
             f"Module {name!r} has a {weight.dtype} weight of type {type(weight).__name__}: quantised or integer "
             f"weights cannot be factored. Load the model in float32/float16/bfloat16 (dequantised) first."
@@ -139,8 +141,6 @@ def get_inher_model(model: nn.Module, config: InherConfig, progressbar: bool = T
         raise TypeError(f"config must be an InherConfig, got {type(config).__name__}.")
     if isinstance(model, InherModel) or any(isinstance(m, InherLinear) for m in model.modules()):
         raise ValueError("This model is already inherited (it contains InherLinear layers); inherit the dense model.")
-    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
-        raise TypeError("Quantised models cannot be inherited: load the model unquantised (float32/bf16/fp16).")
     if config.modules_to_save:
         names = [n for n, _ in model.named_modules() if n]
         missing = [k for k in config.modules_to_save if not any(matches([k], n) for n in names)]

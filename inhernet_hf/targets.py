@@ -20,7 +20,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
-    "vit": _BERT_LIKE,
+    # ViT was rewritten in transformers 5.x: `layers.N.attention.{q,k,v,o}_proj` and `layers.N.mlp.fc1/fc2`
+    # (older 5.x releases used the BERT names, kept so both layouts work; neither matches the pooler/classifier).
+    "vit": _BERT_LIKE + ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                         "mlp.fc1", "mlp.fc2"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2"],
     "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
     "opt": ["q_proj", "k_proj", "v_proj", "self_attn.out_proj", "fc1", "fc2"],

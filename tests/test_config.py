@@ -1,0 +1,129 @@
+"""InherConfig validation and serialisation; get_inher_model's errors on bad models and targets."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from inhernet_hf import InherConfig, InherLinear, get_inher_model
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({}, ValueError, ["exactly one", "r=None", "target_ratio=None"]),
+        ({"r": 8, "target_ratio": 0.5}, ValueError, ["exactly one", "r=8", "target_ratio=0.5"]),
+        ({"r": 0}, ValueError, ["r=0", ">= 1"]),
+        ({"r": -3}, ValueError, ["r=-3"]),
+        ({"r": 4.0}, TypeError, ["r=4.0", "int"]),
+        ({"target_ratio": 0.0}, ValueError, ["target_ratio=0.0", "(0, 1]"]),
+        ({"target_ratio": 1.5}, ValueError, ["target_ratio=1.5", "(0, 1]"]),
+        ({"target_ratio": float("nan")}, ValueError, ["target_ratio=nan"]),
+        ({"r": 8, "num_heads": 0}, ValueError, ["num_heads=0", ">= 1"]),
+        ({"r": 8, "init": "pissa"}, ValueError, ["init='pissa'", "'svd'", "'svd_lowrank'", "'random'"]),
+        ({"r": 8, "head_init": "uniform"}, ValueError, ["head_init='uniform'", "'balanced'"]),
+        ({"r": 8, "gate": "sigmoid"}, ValueError, ["gate='sigmoid'", "'softmax'", "'none'"]),
+        ({"r": 8, "gate_input": "x"}, ValueError, ["gate_input='x'", "'latent'", "'input'"]),
+        ({"r": 8, "structure": "moe"}, ValueError, ["structure='moe'", "'asymmetric'", "'symmetric'"]),
+        ({"r": 8, "task_type": "CLS"}, ValueError, ["task_type='CLS'", "'SEQ_CLS'"]),
+        ({"r": 8, "svd_niter": -1}, ValueError, ["svd_niter=-1"]),
+        ({"r": 8, "target_modules": "q_proj("}, ValueError, ["target_modules='q_proj('", "regular expression"]),
+        ({"r": 8, "target_modules": 3}, TypeError, ["target_modules=3"]),
+        ({"r": 8, "rank_pattern": {"q_proj": 0}}, ValueError, ["rank_pattern['q_proj']=0"]),
+        ({"r": 8, "rank_pattern": {"q_proj": 1.2}}, ValueError, ["rank_pattern['q_proj']=1.2", "(0, 1]"]),
+        ({"r": 8, "rank_pattern": {"q_proj": "8"}}, TypeError, ["rank_pattern['q_proj']='8'"]),
+        ({"r": 8, "modules_to_save": "classifier"}, TypeError, ["modules_to_save='classifier'", "list"]),
+    ],
+)
+def test_bad_config_names_field_value_and_allowed(kwargs, error, words):
+    with pytest.raises(error) as info:
+        InherConfig(**kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_config_round_trips_through_json():
+    config = InherConfig(target_ratio=0.4, num_heads=3, target_modules=["q_proj", "v_proj"],
+                         rank_pattern={"down_proj": 32, r"layers\.0\..*": 0.8}, init="svd_lowrank",
+                         svd_niter=8, head_init="demo", gate_input="input", task_type="CAUSAL_LM")
+    restored = InherConfig.from_dict(json.loads(config.to_json_string()))
+    assert restored == config
+    with pytest.raises(ValueError, match=r"Unknown InherConfig field\(s\) \['alpha'\]"):
+        InherConfig.from_dict({**config.to_dict(), "alpha": 1})
+
+
+@pytest.fixture
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg)
+
+
+def test_targets_that_match_nothing_list_the_linear_layers(tiny_llama):
+    with pytest.raises(ValueError) as info:
+        get_inher_model(tiny_llama, InherConfig(r=4, target_modules=["query", "value"]), progressbar=False)
+    message = str(info.value)
+    assert "matched no module" in message and "model.layers.0.self_attn.q_proj" in message
+
+
+def test_non_linear_target_is_a_type_error(tiny_llama):
+    with pytest.raises(TypeError, match="model.embed_tokens.*Embedding.*only torch.nn.Linear"):
+        get_inher_model(tiny_llama, InherConfig(r=4, target_modules=["embed_tokens"]), progressbar=False)
+
+
+def test_unknown_model_type_without_targets_says_what_to_pass():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="No default target_modules for model_type=None.*Pass `target_modules`"):
+        get_inher_model(model, InherConfig(r=2), progressbar=False)
+
+
+def test_integer_weight_is_refused(tiny_llama):
+    layer = tiny_llama.model.layers[1].mlp.up_proj
+    layer.weight = nn.Parameter(layer.weight.to(torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"model.layers.1.mlp.up_proj.*torch.int8.*quantised or integer"):
+        get_inher_model(tiny_llama, InherConfig(r=4), progressbar=False)
+    assert not any(isinstance(m, InherLinear) for m in tiny_llama.modules())  # nothing half-applied
+
+
+def test_nan_weight_names_the_module_and_leaves_model_untouched(tiny_llama):
+    with torch.no_grad():
+        tiny_llama.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.v_proj.*NaN or Inf"):
+        get_inher_model(tiny_llama, InherConfig(r=4), progressbar=False)
+    assert not any(isinstance(m, InherLinear) for m in tiny_llama.modules())
+
+
+def test_already_inherited_model_is_refused(tiny_llama):
+    inherited = get_inher_model(tiny_llama, InherConfig(r=4), progressbar=False)
+    for model in (inherited, inherited.base_model):
+        with pytest.raises(ValueError, match="already inherited"):
+            get_inher_model(model, InherConfig(r=4), progressbar=False)
+
+
+def test_unknown_modules_to_save_is_an_error(tiny_llama):
+    with pytest.raises(ValueError, match=r"modules_to_save entries \['classifier'\] match no module"):
+        get_inher_model(tiny_llama, InherConfig(r=4, modules_to_save=["classifier"]), progressbar=False)
+
+
+def test_target_semantics_regex_list_exclude_and_rank_pattern(tiny_llama):
+    config = InherConfig(r=4, target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj",
+                         exclude_modules=["layers.1.self_attn.v_proj"], rank_pattern={r"layers\.1\..*": 2})
+    inherited = get_inher_model(tiny_llama, config, progressbar=False)
+    names = {n: m.rank for n, m in inherited.base_model.named_modules() if isinstance(m, InherLinear)}
+    assert names == {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.v_proj": 4,
+                     "model.layers.1.self_attn.q_proj": 2}
+
+
+def test_layer_that_would_not_shrink_stays_dense_and_is_reported(tiny_llama):
+    # rank 8, 2 heads: q_proj (32 x 32) holds 8*32 + 2*8*32 + gate 2*(8+1) = 786 < 1024 dense weights,
+    # k_proj (16 x 32) holds 8*32 + 2*8*16 + 18 = 530 >= 512, so it stays dense.
+    inherited = get_inher_model(tiny_llama, InherConfig(r=8, num_heads=2), progressbar=False)
+    rows = {r.name: r for r in inherited.report().rows}
+    kept = rows["model.layers.0.self_attn.k_proj"]
+    assert kept.rank is None and "would hold" in kept.note and kept.params == kept.dense_params == 512
+    assert type(inherited.base_model.model.layers[0].self_attn.k_proj) is nn.Linear
+    assert isinstance(inherited.base_model.model.layers[0].self_attn.q_proj, InherLinear)
+    assert "dense (rank 8 would hold 530 >= 512" in str(inherited.report())
