@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import transformers
+from huggingface_hub import HfApi
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .config import InherConfig
+from .card import model_card
+from .integration import ALLOW_PICKLE, QUANT_METHOD, InherHfQuantizer, InherQuantizationConfig
 from .layer import InherLinear, inher_num_params
-from .targets import find_targets, matches
+from .targets import find_targets, is_replaceable, matches
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -126,6 +134,13 @@ def _check_weight(name: str, module: nn.Module) -> None:
         raise ValueError(f"Module {name!r} has NaN or Inf values in its weight; cannot factor it.")
 
 
+def _new_layer(dense: nn.Module, rank: int, num_heads: int, config: InherConfig) -> InherLinear:
+    """An (uninitialised) InherLinear shaped like `dense`, on its device and in its dtype (meta stays meta)."""
+    weight = _dense_weight(dense)
+    return InherLinear(weight.shape[1], weight.shape[0], rank, num_heads, dense.bias is not None, config.gate,
+                       config.gate_input, config.structure, device=weight.device, dtype=weight.dtype)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -157,18 +172,67 @@ def get_inher_model(model: nn.Module, config: InherConfig, progressbar: bool = T
         if not record.inherited:
             continue
         dense = modules.pop(record.name)
-        weight = _dense_weight(dense)
-        layer = InherLinear(record.in_features, record.out_features, record.rank, config.num_heads, record.bias,
-                            config.gate, config.gate_input, config.structure,
-                            device=weight.device, dtype=weight.dtype)
-        record.energy_kept = layer.inherit_(weight, dense.bias, config.init, config.head_init, config.svd_niter)
+        layer = _new_layer(dense, record.rank, record.num_heads, config)
+        record.energy_kept = layer.inherit_(_dense_weight(dense), dense.bias, config.init, config.head_init,
+                                            config.svd_niter)
         _replace(model, record.name, layer)
-        del dense, weight  # the dense weight is freed here, before the next layer is factored
+        del dense  # the dense weight is freed here, before the next layer is factored
     for name in config.modules_to_save or []:
         for module_name, module in model.named_modules():
             if matches([name], module_name):
                 module.requires_grad_(True)
-    return InherModel(model, config, InherReport(records))
+    report = InherReport(records)
+    if isinstance(model, PreTrainedModel):
+        attach_description(model, config, report)
+    return InherModel(model, config, report)
+
+
+def attach_description(model: PreTrainedModel, config: InherConfig, report: InherReport) -> None:
+    """Record the inheritance in `model.config.quantization_config` and install our quantizer, exactly as
+    `from_pretrained` leaves a loaded model: plain `save_pretrained` / `push_to_hub` then round-trip."""
+    from . import __version__
+
+    layers = [{"name": r.name, "rank": r.rank, "num_heads": r.num_heads, "energy_kept": r.energy_kept, "note": r.note}
+              for r in report.rows]
+    description = InherQuantizationConfig(config.to_dict(), layers, model.config.name_or_path or None,
+                                          library_version=__version__)
+    model.hf_quantizer = InherHfQuantizer(description, pre_quantized=True)
+    model.quantization_method = QUANT_METHOD
+    model.hf_quantizer.postprocess_model(model)
+
+
+def build_skeleton(model: nn.Module, description: InherQuantizationConfig) -> None:
+    """Replace the recorded targets of a freshly built (usually meta-device) model by empty InherLinear layers."""
+    config = InherConfig.from_dict(description.inher_config)
+    for spec in description.inherited_layers():
+        name = spec["name"]
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            dense = None
+        if dense is None or not is_replaceable(dense):
+            raise ValueError(f"config.json records an inherited layer {name!r}, but the model built from it has "
+                             f"{'no such module' if dense is None else type(dense).__name__ + ' there'}.")
+        _replace(model, name, _new_layer(dense, spec["rank"], spec["num_heads"], config))
+
+
+def report_from_description(model: nn.Module, description: InherQuantizationConfig) -> InherReport:
+    """The report of a loaded model: shapes from its modules, ranks and energies from config.json."""
+    rows = []
+    for spec in description.layers:
+        name = spec["name"]
+        module = model.get_submodule(name)
+        if isinstance(module, InherLinear):
+            in_f, out_f, bias = module.in_features, module.out_features, module.inher_bias is not None
+            params = module.num_params()
+        else:
+            out_f, in_f = _dense_weight(module).shape
+            bias = module.bias is not None
+            params = sum(p.numel() for p in module.parameters())
+        dense = in_f * out_f + (out_f if bias else 0)
+        rows.append(LayerRecord(name, in_f, out_f, bias, spec["rank"], spec["num_heads"], dense,
+                                params if spec["rank"] is not None else dense, spec["energy_kept"], spec["note"]))
+    return InherReport(rows)
 
 
 class InherModel(nn.Module):
@@ -212,3 +276,93 @@ class InherModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "5GB",
+        tokenizer=None,
+        eval_results: Optional[dict[str, float]] = None,
+        eval_dataset: Optional[str] = None,
+        is_main_process: bool = True,
+        **kwargs,
+    ) -> None:
+        """Write config.json (with the inheritance description), safetensors weights (sharded with an index above
+        `max_shard_size`), the generation config, `tokenizer` (a tokenizer or processor) and a model card.
+
+        `eval_results` ({metric: value} on `eval_dataset`) go into the card's metadata. Extra kwargs go to
+        transformers' `save_pretrained`.
+        """
+        if not safe_serialization:
+            raise ValueError("inhernet_hf saves safetensors only (safe_serialization=False would write a pickle).")
+        self.base_model.save_pretrained(save_directory, is_main_process=is_main_process,
+                                        max_shard_size=max_shard_size, **kwargs)
+        if not is_main_process:
+            return
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+        description = self.config.quantization_config
+        card = model_card(Path(save_directory).name, description.base_model_name_or_path, description.inher_config,
+                          self._report, eval_results, eval_dataset)
+        card.save(Path(save_directory) / "README.md")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: Optional[bool] = None,
+        commit_message: Optional[str] = None,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        **save_kwargs,
+    ):
+        """Save to a temporary folder (as `save_pretrained`, which takes `save_kwargs`) and upload it through
+        `huggingface_hub` (`create_repo` + `upload_folder`). Returns the `CommitInfo`."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "Upload inherited model (inhernet_hf)")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        revision: Optional[str] = None,
+        dtype: Optional[torch.dtype | str] = None,
+        device_map=None,
+        token: Optional[str] = None,
+        use_safetensors: bool = True,
+        model_class: Optional[type] = None,
+        **kwargs,
+    ) -> "InherModel":
+        """Load an inherited model from a folder or the Hub (through huggingface_hub: cache, HF_HUB_OFFLINE,
+        revisions and tokens apply). The skeleton is built on the meta device from config.json: no dense weight
+        is allocated and no SVD recomputed. `model_class` defaults to the checkpoint's recorded architecture.
+        A pickle (`.bin`) is read only with `use_safetensors=False`."""
+        if "torch_dtype" in kwargs:
+            dtype = kwargs.pop("torch_dtype")
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, revision=revision, token=token)
+        description = getattr(config, "quantization_config", None)
+        if not isinstance(description, dict) or description.get("quant_method") != QUANT_METHOD:
+            raise ValueError(f"{pretrained_model_name_or_path} is not an inhernet_hf checkpoint (its config.json has "
+                             f"no quantization_config with quant_method={QUANT_METHOD!r}). To compress a dense model "
+                             f"use get_inher_model(model, InherConfig(...)).")
+        if model_class is None:
+            architectures = getattr(config, "architectures", None) or []
+            model_class = getattr(transformers, architectures[0], None) if architectures else AutoModel
+            if model_class is None:
+                raise ValueError(f"config.json names architecture {architectures[0]!r}, unknown to transformers "
+                                 f"{transformers.__version__}; pass `model_class`.")
+        token_var = ALLOW_PICKLE.set(not use_safetensors)
+        try:
+            model = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, revision=revision,
+                                                dtype=dtype, device_map=device_map, token=token,
+                                                use_safetensors=use_safetensors or None, **kwargs)
+        finally:
+            ALLOW_PICKLE.reset(token_var)
+        description = model.config.quantization_config
+        return cls(model, InherConfig.from_dict(description.inher_config), report_from_description(model, description))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from inhernet_hf import InherConfig, InherLinear, get_inher_model
+from inhernet_hf import InherConfig, InherLinear, InherModel, get_inher_model
 from inhernet_hf.targets import DEFAULT_TARGET_MODULES, matches
 from reference import SMOLLM2_GGUF, minilm_path, rank_r_reference, rel_err, smollm2_dir
 
@@ -106,7 +106,7 @@ def test_minilm_target_ratio_is_kept(minilm):
 
 
 def test_smollm2_init_is_rank_r_teacher_and_ratio(smollm2):
-    model, batch = smollm2
+    model, batch = copy.deepcopy(smollm2[0]), smollm2[1]
     targets = default_targets(model)
     assert len(targets) == 30 * 7  # q, k, v, o, gate, up, down in each of 30 layers
     fresh = copy.deepcopy(model)
@@ -117,3 +117,39 @@ def test_smollm2_init_is_rank_r_teacher_and_ratio(smollm2):
     ratio, after, before, report = targeted_ratio(fresh, InherConfig(target_ratio=0.5, num_heads=2), targets)
     assert 0.49 <= ratio <= 0.51, ratio
     assert (report.params, report.dense_params) == (after, before)
+
+
+def assert_round_trip(inherited, auto_class, batch, folder, generate=False):
+    """Logits (and greedy generations) bitwise equal after InherModel and plain AutoModel reloads."""
+    inherited.eval()
+    inherited.save_pretrained(folder)
+    with torch.no_grad():
+        logits = inherited(**batch).logits
+        tokens = inherited.generate(**batch, max_new_tokens=12, do_sample=False) if generate else None
+    for loaded in (InherModel.from_pretrained(folder), auto_class.from_pretrained(folder)):
+        with torch.no_grad():
+            assert torch.equal(loaded(**batch).logits, logits)
+            if generate:
+                assert torch.equal(loaded.generate(**batch, max_new_tokens=12, do_sample=False), tokens)
+
+
+def test_minilm_round_trip_after_training(minilm, tmp_path):
+    base, batch = minilm
+    inherited = get_inher_model(copy.deepcopy(base), InherConfig(target_ratio=0.5, num_heads=2, task_type="SEQ_CLS"),
+                                progressbar=False)
+    inherited.train()
+    optimizer = torch.optim.AdamW(inherited.parameters(), lr=1e-3)
+    before = inherited.base_model.bert.encoder.layer[0].attention.self.query.inher_up.weight.clone()
+    for _ in range(3):
+        inherited(**batch, labels=torch.tensor([0, 1])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(before, inherited.base_model.bert.encoder.layer[0].attention.self.query.inher_up.weight)
+    assert_round_trip(inherited, AutoModelForSequenceClassification, batch, tmp_path / "minilm")
+
+
+def test_smollm2_round_trip_with_generation(smollm2, tmp_path):
+    model, batch = copy.deepcopy(smollm2[0]), smollm2[1]
+    inherited = get_inher_model(model, InherConfig(target_ratio=0.5, num_heads=2, task_type="CAUSAL_LM"),
+                                progressbar=False)
+    assert_round_trip(inherited, AutoModelForCausalLM, batch, tmp_path / "smollm2", generate=True)

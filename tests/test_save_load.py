@@ -1,0 +1,246 @@
+"""Save / load / share: folders, sharding, the HF cache offline, push_to_hub, plain AutoModel loading, PEFT on top,
+and clear errors for corrupt or mismatched checkpoints."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from inhernet_hf import InherConfig, InherLinear, InherModel, get_inher_model
+
+TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+IDS = torch.tensor([[3, 14, 15, 9, 26, 5], [35, 8, 9, 7, 9, 3]])
+
+
+def tiny_inherited(**config):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    return get_inher_model(model, InherConfig(**{"r": 8, "num_heads": 2, **config}), progressbar=False)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_inherited()
+    model.eval()
+    model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+    return tmp_path / "model", logits
+
+
+def test_folder_layout_and_both_load_paths(saved):
+    folder, logits = saved
+    assert {"config.json", "model.safetensors", "README.md", "generation_config.json"} <= set(os.listdir(folder))
+    description = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert description["quant_method"] == "inhernet" and description["format_version"] == 1
+    assert description["layers"][0] == {"name": "model.layers.0.self_attn.q_proj", "rank": 8, "num_heads": 2,
+                                        "energy_kept": pytest.approx(0.6488, abs=1e-4), "note": ""}
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "inhernet_hf" in card
+    for loaded in (InherModel.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)):
+        assert isinstance(loaded.get_submodule("model.layers.1.mlp.down_proj"), InherLinear)
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=IDS).logits, logits)
+    assert str(InherModel.from_pretrained(folder).report()) == str(tiny_inherited().report())
+
+
+def test_loaded_model_trains_and_takes_dtype_and_device_map(saved):
+    folder, _ = saved
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.inher_up.weight.dtype == torch.bfloat16 and layer.inher_up.weight.device.type == "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert all(p.requires_grad and p.grad is not None for p in model.parameters())
+
+
+def test_sharded_save_writes_an_index_and_reloads(tmp_path):
+    model = tiny_inherited()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    with torch.no_grad():
+        assert torch.equal(InherModel.from_pretrained(tmp_path)(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_pickle_is_refused_unless_asked_for(saved):
+    folder, logits = saved
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"Refusing to unpickle \['pytorch_model.bin'\].*use_safetensors=False"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(OSError):  # InherModel asks transformers for safetensors only
+        InherModel.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(InherModel.from_pretrained(folder, use_safetensors=False)(input_ids=IDS).logits, logits)
+    with pytest.raises(ValueError, match="safetensors only"):
+        tiny_inherited().save_pretrained(folder / "again", safe_serialization=False)
+
+
+def _rewrite(folder: Path, edit) -> None:
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("model.layers.1.self_attn.q_proj.inher_up.weight"),
+         r"missing tensor model.layers.1.self_attn.q_proj.inher_up.weight \(expected shape \(32, 16\)\)"),
+        (lambda s: s.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(64, 32)),
+         r"extra tensor model.layers.0.mlp.up_proj.weight \(64, 32\): a dense parameter"),
+        (lambda s: s.__setitem__("model.layers.0.mlp.up_proj.inher_down.weight", torch.zeros(6, 32)),
+         r"tensor model.layers.0.mlp.up_proj.inher_down.weight has shape \(6, 32\) in the checkpoint, \(8, 32\)"),
+        (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.inher_extra", torch.zeros(2)),
+         r"extra tensor model.layers.0.self_attn.q_proj.inher_extra \(2,\) not in the inherited layer"),
+    ],
+)
+def test_mismatched_checkpoint_names_tensor_and_shapes(saved, edit, message):
+    folder, _ = saved
+    _rewrite(folder, edit)
+    for load in (InherModel.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=message):
+            load(folder)
+
+
+def test_future_format_version_says_so(saved):
+    folder, _ = saved
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format version 99.*reads versions up to 1. Upgrade inhernet_hf"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_dense_checkpoint_is_not_an_inherited_one(tmp_path):
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is not an inhernet_hf checkpoint.*get_inher_model"):
+        InherModel.from_pretrained(tmp_path)
+
+
+def test_lora_on_inherited_factors_saves_and_reloads(saved, tmp_path):
+    folder, _ = saved
+    peft_model = get_peft_model(InherModel.from_pretrained(folder),
+                                LoraConfig(r=4, target_modules=["inher_down", "inher_up"], init_lora_weights=False))
+    assert peft_model.get_nb_trainable_parameters()[0] > 0
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=IDS).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(InherModel.from_pretrained(folder), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, logits)
+
+
+def _run(script: str, env: dict) -> str:
+    """Run `script` in a fresh interpreter (huggingface_hub reads HF_* variables at import)."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_hub_id_resolves_offline_from_a_standard_cache(saved, tmp_path):
+    folder, logits = saved
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--inher-org--tiny-llama"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    torch.save(logits, tmp_path / "logits.pt")
+    out = _run(f"""
+        import torch
+        from inhernet_hf import InherModel
+        ids = torch.tensor({IDS.tolist()})
+        for rev in (None, "{revision}"):
+            model = InherModel.from_pretrained("inher-org/tiny-llama", revision=rev)
+            with torch.no_grad():
+                assert torch.equal(model(input_ids=ids).logits, torch.load("{tmp_path / 'logits.pt'}")), rev
+        print("ok", model.config.name_or_path)
+        """, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert out.startswith("ok")
+
+
+class _RecordingHub(BaseHTTPRequestHandler):
+    """The few Hub endpoints `create_repo` + `upload_folder` use; every file content sent is recorded."""
+
+    uploaded: dict = {}
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.requests.append(("POST", self.path))
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            repo_id = f"{request.get('organization') or 'me'}/{request['name']}"
+            self._reply({"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+        elif self.path == "/api/validate-yaml":
+            self.uploaded["validated card"] = json.loads(body)["content"]
+            self._reply({"warnings": [], "errors": []})
+        elif "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                   for f in files]})
+        elif "/commit/" in self.path:
+            import base64
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    self.uploaded[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            self._reply({"commitUrl": f"http://{self.headers['Host']}/me/tiny-inher/commit/{'1' * 40}",
+                         "commitOid": "1" * 40})
+        else:
+            self.send_error(404)
+
+    def do_GET(self):
+        self.requests.append(("GET", self.path))
+        self.send_error(404)
+
+
+def test_push_to_hub_sends_every_file_of_the_folder(saved, tmp_path):
+    folder, _ = saved
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _run(f"""
+            from inhernet_hf import InherModel
+            model = InherModel.from_pretrained("{folder}")
+            info = model.push_to_hub("me/tiny-inher", private=True, commit_message="test push")
+            model.save_pretrained("{tmp_path / 'local'}")
+            print(info.oid)
+            """, {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": "hf_test"})
+    finally:
+        server.shutdown()
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+    card = ModelCard(_RecordingHub.uploaded.pop("validated card"))
+    assert card.data.library_name == "transformers" and "inhernet_hf" in card.data.tags
+    assert set(_RecordingHub.uploaded) == set(local)
+    assert _RecordingHub.uploaded["model.safetensors"] == local["model.safetensors"]
+    assert ("POST", "/api/repos/create") in _RecordingHub.requests
