@@ -4,11 +4,6 @@ and clear errors for corrupt or mismatched checkpoints."""
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from hub_server import recording_hub, run_python
 from inhernet_hf import InherConfig, InherLinear, InherModel, get_inher_model
 
 TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -148,14 +144,6 @@ def test_lora_on_inherited_factors_saves_and_reloads(saved, tmp_path):
         assert torch.equal(reloaded(input_ids=IDS).logits, logits)
 
 
-def _run(script: str, env: dict) -> str:
-    """Run `script` in a fresh interpreter (huggingface_hub reads HF_* variables at import)."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, **env},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
 def test_hub_id_resolves_offline_from_a_standard_cache(saved, tmp_path):
     folder, logits = saved
     revision = "0123456789abcdef0123456789abcdef01234567"
@@ -164,7 +152,7 @@ def test_hub_id_resolves_offline_from_a_standard_cache(saved, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     torch.save(logits, tmp_path / "logits.pt")
-    out = _run(f"""
+    out = run_python(f"""
         import torch
         from inhernet_hf import InherModel
         ids = torch.tensor({IDS.tolist()})
@@ -177,70 +165,19 @@ def test_hub_id_resolves_offline_from_a_standard_cache(saved, tmp_path):
     assert out.startswith("ok")
 
 
-class _RecordingHub(BaseHTTPRequestHandler):
-    """The few Hub endpoints `create_repo` + `upload_folder` use; every file content sent is recorded."""
-
-    uploaded: dict = {}
-    requests: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.requests.append(("POST", self.path))
-        if self.path == "/api/repos/create":
-            request = json.loads(body)
-            repo_id = f"{request.get('organization') or 'me'}/{request['name']}"
-            self._reply({"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
-        elif self.path == "/api/validate-yaml":
-            self.uploaded["validated card"] = json.loads(body)["content"]
-            self._reply({"warnings": [], "errors": []})
-        elif "/preupload/" in self.path:
-            files = json.loads(body)["files"]
-            self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                   for f in files]})
-        elif "/commit/" in self.path:
-            import base64
-            for line in body.decode().splitlines():
-                item = json.loads(line)
-                if item["key"] == "file":
-                    self.uploaded[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            self._reply({"commitUrl": f"http://{self.headers['Host']}/me/tiny-inher/commit/{'1' * 40}",
-                         "commitOid": "1" * 40})
-        else:
-            self.send_error(404)
-
-    def do_GET(self):
-        self.requests.append(("GET", self.path))
-        self.send_error(404)
-
-
 def test_push_to_hub_sends_every_file_of_the_folder(saved, tmp_path):
     folder, _ = saved
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        _run(f"""
+    with recording_hub() as hub:
+        run_python(f"""
             from inhernet_hf import InherModel
             model = InherModel.from_pretrained("{folder}")
             info = model.push_to_hub("me/tiny-inher", private=True, commit_message="test push")
             model.save_pretrained("{tmp_path / 'local'}")
             print(info.oid)
-            """, {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": "hf_test"})
-    finally:
-        server.shutdown()
+            """, hub.env)
     local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
-    card = ModelCard(_RecordingHub.uploaded.pop("validated card"))
+    card = ModelCard(hub.card)
     assert card.data.library_name == "transformers" and "inhernet_hf" in card.data.tags
-    assert set(_RecordingHub.uploaded) == set(local)
-    assert _RecordingHub.uploaded["model.safetensors"] == local["model.safetensors"]
-    assert ("POST", "/api/repos/create") in _RecordingHub.requests
+    assert set(hub.uploaded) == set(local)
+    assert hub.uploaded["model.safetensors"] == local["model.safetensors"]
+    assert hub.repos == ["me/tiny-inher"]
