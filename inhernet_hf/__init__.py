@@ -1,8 +1,10 @@
 """inhernet_hf: compress Hugging Face models by neural network inheritance (InherNet, ICLR 2026)."""
 
 from .config import InherConfig
-from .layer import InherLinear, inher_num_params, truncated_svd
-from .model import InherModel, InherReport, LayerRecord, get_inher_model
+from .factor import truncated_svd, whitened_svd
+from .layer import InherLinear, inher_num_params
+from .model import InherModel, get_inher_model
+from .report import InherReport, LayerRecord
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,5 @@ __all__ = [
     "get_inher_model",
     "inher_num_params",
     "truncated_svd",
+    "whitened_svd",
 ]

@@ -11,7 +11,8 @@ from typing import Any, Optional, Union
 
 from peft import TaskType
 
-INIT_CHOICES = ("svd", "svd_lowrank", "random")
+INIT_CHOICES = ("svd", "svd_lowrank", "whitened", "random")
+RANK_ALLOCATION_CHOICES = ("uniform", "energy", "activation")
 HEAD_INIT_CHOICES = ("balanced", "paper", "demo")
 GATE_CHOICES = ("softmax", "none")
 GATE_INPUT_CHOICES = ("latent", "input")
@@ -103,11 +104,33 @@ class InherConfig:
             "'SEQ_CLS' the classification head ('classifier', 'score') is always kept."
         },
     )
+    rank_allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": "How `target_ratio` becomes per-layer ranks: 'uniform' (one rank per layer shape), 'energy' "
+            "(greedy on the weights' singular spectra under the global parameter budget: each rank scored by the "
+            "share of its layer's energy it keeps) or 'activation' (greedy on the loss each rank saves to second "
+            "order: the output error it removes on calibration data, sigma_k(W L)^2, times the layer's Fisher "
+            "scalar, its mean squared loss gradient per output; needs `calibration_data` and a model with logits)."
+        },
+    )
+    min_rank: int = field(default=1, metadata={"help": "Smallest rank any inherited layer gets."})
+    rank_multiple: int = field(
+        default=1, metadata={"help": "Ranks are multiples of this (e.g. 8 for tensor-core friendly shapes)."}
+    )
     init: str = field(
         default="svd",
         metadata={
-            "help": "'svd' (exact torch.linalg.svd), 'svd_lowrank' (randomised, see `svd_niter`) or 'random' "
-            "(same structure, Kaiming init: the paper's 'w.o. SVD' ablation)."
+            "help": "'svd' (exact torch.linalg.svd), 'svd_lowrank' (randomised, see `svd_niter`), 'whitened' "
+            "(activation-aware: the rank-r layer that minimises the output error on `calibration_data`, SVD-LLM "
+            "style) or 'random' (same structure, Kaiming init: the paper's 'w.o. SVD' ablation)."
+        },
+    )
+    calibration_damping: float = field(
+        default=0.0,
+        metadata={
+            "help": "For init='whitened' / rank_allocation='activation': added to the diagonal of the calibration "
+            "inputs' second moment X^T X, as a fraction of its mean diagonal."
         },
     )
     svd_niter: int = field(default=4, metadata={"help": "Subspace iterations of init='svd_lowrank'."})
@@ -155,6 +178,17 @@ class InherConfig:
         if isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int) or self.svd_niter < 0:
             raise ValueError(f"InherConfig.svd_niter={self.svd_niter!r} must be an int >= 0.")
         _check_choice("init", self.init, INIT_CHOICES)
+        _check_choice("rank_allocation", self.rank_allocation, RANK_ALLOCATION_CHOICES)
+        for name in ("min_rank", "rank_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"InherConfig.{name}={value!r} must be an int >= 1.")
+        if self.rank_allocation != "uniform" and self.target_ratio is None:
+            raise ValueError(f"InherConfig.rank_allocation={self.rank_allocation!r} distributes a parameter budget: "
+                             f"give `target_ratio` instead of `r` (or use rank_allocation='uniform').")
+        if (isinstance(self.calibration_damping, bool) or not isinstance(self.calibration_damping, (int, float))
+                or not math.isfinite(self.calibration_damping) or self.calibration_damping < 0):
+            raise ValueError(f"InherConfig.calibration_damping={self.calibration_damping!r} must be a float >= 0.")
         _check_choice("head_init", self.head_init, HEAD_INIT_CHOICES)
         _check_choice("gate", self.gate, GATE_CHOICES)
         _check_choice("gate_input", self.gate_input, GATE_INPUT_CHOICES)
@@ -177,6 +211,11 @@ class InherConfig:
         for key, value in self.rank_pattern.items():
             _check_module_names("rank_pattern key", key, allow_all_linear=False)
             _check_rank_or_ratio(f"InherConfig.rank_pattern[{key!r}]", value)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether `get_inher_model` needs `calibration_data` for this config."""
+        return self.init == "whitened" or self.rank_allocation == "activation"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field."""

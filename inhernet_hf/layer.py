@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SVD_OVERSAMPLING = 8  # extra columns for the randomised SVD's subspace (torch.svd_lowrank's `q`)
-
+from .factor import truncated_svd, whitened_svd
 
 def inher_num_params(
     in_features: int,
@@ -38,32 +37,6 @@ def inher_num_params(
     if gate == "softmax" and num_heads > 1:
         n += num_heads * ((latent if gate_input == "latent" else in_features) + 1)
     return n
-
-
-def truncated_svd(
-    weight: torch.Tensor, rank: int, method: str = "svd", niter: int = 4
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Top-`rank` SVD of `weight` (out, in), computed in float64 on the weight's device.
-
-    float64 whatever the model dtype: real weights have near-degenerate singular values (MiniLM has
-    sigma_128 / sigma_129 = 1.0004), where float32 picks a rotated subspace and the factors no longer
-    give the best rank-r approximation to float32 accuracy. Costs ~1.4x float32 on CPU.
-    Returns U_r (out, r), S_r (r,), Vh_r (r, in) in float64, and the fraction of the squared
-    Frobenius norm ("energy") that the rank-r approximation keeps.
-    """
-    w = weight.detach().to(torch.float64)
-    if method == "svd":
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    elif method == "svd_lowrank":
-        q = min(rank + SVD_OVERSAMPLING, *w.shape)
-        u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
-        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
-    else:
-        raise ValueError(f"Unknown SVD method {method!r}; allowed: 'svd', 'svd_lowrank'.")
-    total = w.square().sum()
-    energy = float(s.square().sum() / total) if total > 0 else 1.0
-    return u, s, vh, energy
 
 
 class InherLinear(nn.Module):
@@ -135,11 +108,14 @@ class InherLinear(nn.Module):
         init: str = "svd",
         head_init: str = "balanced",
         svd_niter: int = 4,
+        gram: Optional[torch.Tensor] = None,
+        damping: float = 0.0,
     ) -> Optional[float]:
-        """Initialise from a teacher weight (out, in) and bias (out,). Returns the SVD energy kept.
+        """Initialise from a teacher weight (out, in) and bias (out,). Returns the energy kept (None for "random").
 
-        init="random" keeps the Kaiming init and returns None. The SVD runs on the weight's device in
-        float64; the factors are cast to this layer's dtype afterwards.
+        init: "svd" / "svd_lowrank" factor W; "whitened" factors W L with L L^T = `gram` (X^T X of the layer's
+        calibration inputs, `damping` as in InherConfig.calibration_damping); "random" keeps the Kaiming init.
+        The factorisation runs in float64 on the weight's device; the factors are cast to this layer's dtype.
         """
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
@@ -149,7 +125,21 @@ class InherLinear(nn.Module):
         if init == "random":
             self.reset_parameters()
             return None
-        u, s, vh, energy = truncated_svd(weight, self.rank, init, svd_niter)
+        if init == "whitened":
+            if gram is None:
+                raise ValueError("init='whitened' needs `gram`, the X^T X of the layer's calibration inputs.")
+            u, s, vh, energy = whitened_svd(weight, gram, self.rank, damping)
+        else:
+            u, s, vh, energy = truncated_svd(weight, self.rank, init, svd_niter)
+        self.set_factors_(u, s, vh, bias, head_init)
+        return energy
+
+    @torch.no_grad()
+    def set_factors_(
+        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, bias: Optional[torch.Tensor], head_init: str
+    ) -> None:
+        """Write the factors of W_r = U_r diag(S_r) Vh_r (u: (out, r), s: (r,), vh: (r, in)) into the down-projection
+        and every head, split as `head_init` says, and copy the teacher's bias into every head."""
         m = self.num_heads
         if head_init == "balanced":
             down, head = s.sqrt()[:, None] * vh, u * s.sqrt()
@@ -168,7 +158,6 @@ class InherLinear(nn.Module):
                 self.inher_bias.zero_()
             else:
                 self.inher_bias.copy_(bias.detach().expand(m, -1))
-        return energy
 
     def gate_weights(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Head weights g: (..., M) from the gate, or a constant (M,) of 1/M when there is none."""

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import transformers
@@ -15,110 +13,18 @@ from huggingface_hub import HfApi
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
-from .config import InherConfig
+from .budget import allocate_ranks, plan_layer
+from .calibration import block_grams, output_sensitivity, prepare_calibration
 from .card import model_card
+from .config import InherConfig
+from .factor import spectrum
 from .integration import ALLOW_PICKLE, QUANT_METHOD, InherHfQuantizer, InherQuantizationConfig
-from .layer import InherLinear, inher_num_params
-from .targets import find_targets, is_replaceable, matches
+from .layer import InherLinear
+from .report import InherReport, LayerRecord
+from .targets import dense_weight, find_targets, is_replaceable, matches
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass
-class LayerRecord:
-    """What happened to one targeted layer. `rank` is None when the layer stayed dense."""
-
-    name: str
-    in_features: int
-    out_features: int
-    bias: bool
-    rank: Optional[int]
-    num_heads: int
-    dense_params: int
-    params: int
-    energy_kept: Optional[float] = None
-    note: str = ""
-
-    @property
-    def inherited(self) -> bool:
-        return self.rank is not None
-
-
-class InherReport:
-    """Per-layer table of an inherited model; `str()` renders it, `rows` holds the `LayerRecord`s."""
-
-    def __init__(self, rows: list[LayerRecord]) -> None:
-        self.rows = rows
-
-    @property
-    def dense_params(self) -> int:
-        """Parameters the targeted layers held before inheritance."""
-        return sum(r.dense_params for r in self.rows)
-
-    @property
-    def params(self) -> int:
-        """Parameters the targeted layers hold now (inherited layers plus those kept dense)."""
-        return sum(r.params for r in self.rows)
-
-    @property
-    def ratio(self) -> float:
-        return self.params / self.dense_params
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layers": [asdict(r) for r in self.rows], "dense_params": self.dense_params,
-                "params": self.params, "ratio": self.ratio}
-
-    def __str__(self) -> str:
-        header = ("layer", "shape (out x in)", "rank", "heads", "dense params", "params", "energy kept")
-        lines = [header]
-        for r in self.rows:
-            energy = "-" if r.energy_kept is None else f"{r.energy_kept:.4f}"
-            rank = str(r.rank) if r.inherited else f"dense ({r.note})"
-            lines.append((r.name, f"{r.out_features} x {r.in_features}", rank,
-                          str(r.num_heads if r.inherited else "-"), f"{r.dense_params:,}", f"{r.params:,}", energy))
-        n_inh = sum(r.inherited for r in self.rows)
-        lines.append((f"total ({n_inh} inherited, {len(self.rows) - n_inh} kept dense)", "", "", "",
-                      f"{self.dense_params:,}", f"{self.params:,}", f"ratio {self.ratio:.4f}"))
-        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-        fmt = lambda row: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        rule = "-+-".join("-" * w for w in widths)
-        return "\n".join([fmt(lines[0]), rule, *map(fmt, lines[1:-1]), rule, fmt(lines[-1])])
-
-
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in), whatever the layer's storage convention (Conv1D stores (in, out))."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
-
-
-def _rank_request(name: str, config: InherConfig) -> int | float:
-    """The user's rank or ratio for this layer: the first matching `rank_pattern` key, else the global one."""
-    for key, value in config.rank_pattern.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
-            return value
-    return config.r if config.r is not None else config.target_ratio
-
-
-def plan_layer(name: str, module: nn.Module, config: InherConfig) -> LayerRecord:
-    """Rank and parameter count of one target; ranks from a ratio depend only on the layer's shape."""
-    weight = _dense_weight(module)
-    out_f, in_f = weight.shape
-    has_bias = module.bias is not None
-    dense = weight.numel() + (out_f if has_bias else 0)
-    count = lambda rank: inher_num_params(in_f, out_f, rank, config.num_heads, has_bias,
-                                          config.gate, config.gate_input, config.structure)
-    request = _rank_request(name, config)
-    if isinstance(request, int):
-        rank = request
-    else:  # params(rank) is affine in rank: solve params(rank) = ratio * dense, nearest integer
-        slope = count(1) - count(0)
-        rank = max(1, round((request * dense - count(0)) / slope))
-    record = LayerRecord(name, in_f, out_f, has_bias, rank, config.num_heads, dense, count(rank))
-    if rank > min(in_f, out_f) or record.params >= dense:
-        record.note = f"rank {rank} would hold {record.params:,} >= {dense:,} dense params"
-        record.rank, record.params = None, dense
-    return record
 
 
 def _check_weight(name: str, module: nn.Module) -> None:
@@ -136,7 +42,7 @@ def _check_weight(name: str, module: nn.Module) -> None:
 
 def _new_layer(dense: nn.Module, rank: int, num_heads: int, config: InherConfig) -> InherLinear:
     """An (uninitialised) InherLinear shaped like `dense`, on its device and in its dtype (meta stays meta)."""
-    weight = _dense_weight(dense)
+    weight = dense_weight(dense)
     return InherLinear(weight.shape[1], weight.shape[0], rank, num_heads, dense.bias is not None, config.gate,
                        config.gate_input, config.structure, device=weight.device, dtype=weight.dtype)
 
@@ -146,11 +52,24 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def get_inher_model(model: nn.Module, config: InherConfig, progressbar: bool = True) -> "InherModel":
+def get_inher_model(
+    model: nn.Module,
+    config: InherConfig,
+    calibration_data=None,
+    tokenizer=None,
+    progressbar: bool = True,
+) -> "InherModel":
     """Replace the targeted projections of `model` by SVD-initialised `InherLinear` layers, in place.
 
-    Everything is validated before the first layer changes. Each dense weight is factored and dropped
-    before the next one is touched, so the model never holds two dense copies.
+    Args:
+        model: a transformers model (or any nn.Module with `target_modules` given), dense and unquantised.
+        config: the `InherConfig`.
+        calibration_data: for init="whitened" / rank_allocation="activation": an iterable of model-input dict
+            batches, or a `datasets.Dataset` (with `tokenizer` for a "text" column). Refused when unused.
+        progressbar: tqdm bars over layers / blocks, and a one-line summary of the realised ratio.
+
+    Everything is validated and the ranks are planned before the first layer changes; each dense weight is
+    factored and dropped before the next one is touched, so the model never holds two dense copies.
     """
     if not isinstance(config, InherConfig):
         raise TypeError(f"config must be an InherConfig, got {type(config).__name__}.")
@@ -161,22 +80,29 @@ def get_inher_model(model: nn.Module, config: InherConfig, progressbar: bool = T
         missing = [k for k in config.modules_to_save if not any(matches([k], n) for n in names)]
         if missing:
             raise ValueError(f"modules_to_save entries {missing} match no module of this model.")
+    if calibration_data is not None and not config.needs_calibration:
+        raise ValueError(f"calibration_data was given but init={config.init!r} and rank_allocation="
+                         f"{config.rank_allocation!r} do not use it; use init='whitened' or "
+                         f"rank_allocation='activation', or drop calibration_data.")
+    batches = prepare_calibration(calibration_data, tokenizer) if config.needs_calibration else None
     targets = find_targets(model, config.target_modules, config.exclude_modules, config.modules_to_save,
                            config.task_type)
     modules = {name: model.get_submodule(name) for name in targets}
     for name, module in modules.items():
         _check_weight(name, module)
     records = [plan_layer(name, module, config) for name, module in modules.items()]
+    if config.rank_allocation != "uniform":
+        allocate_ranks(records, _rank_gains(model, modules, batches, config, progressbar), config)
 
-    for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
-        if not record.inherited:
-            continue
-        dense = modules.pop(record.name)
-        layer = _new_layer(dense, record.rank, record.num_heads, config)
-        record.energy_kept = layer.inherit_(_dense_weight(dense), dense.bias, config.init, config.head_init,
-                                            config.svd_niter)
-        _replace(model, record.name, layer)
-        del dense  # the dense weight is freed here, before the next layer is factored
+    by_name = {r.name: r for r in records}
+    if config.init == "whitened":
+        for grams in block_grams(model, targets, batches, desc="Inheriting blocks (whitened)",
+                                 progressbar=progressbar):
+            for name, gram in grams.items():
+                _inherit_one(model, by_name[name], modules.pop(name), config, gram)
+    else:
+        for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
+            _inherit_one(model, record, modules.pop(record.name), config)
     for name in config.modules_to_save or []:
         for module_name, module in model.named_modules():
             if matches([name], module_name):
@@ -184,7 +110,47 @@ def get_inher_model(model: nn.Module, config: InherConfig, progressbar: bool = T
     report = InherReport(records)
     if isinstance(model, PreTrainedModel):
         attach_description(model, config, report)
+    if progressbar:
+        n = sum(r.inherited for r in records)
+        target = f"target {config.target_ratio:.4f}" if config.target_ratio is not None else f"r={config.r}"
+        print(f"inhernet_hf: {n} layers inherited, {len(records) - n} kept dense; targeted parameters "
+              f"{report.dense_params:,} -> {report.params:,} (ratio {report.ratio:.4f}, {target})")
     return InherModel(model, config, report)
+
+
+def _inherit_one(model: nn.Module, record: LayerRecord, dense: nn.Module, config: InherConfig,
+                 gram: Optional[torch.Tensor] = None) -> None:
+    """Factor one dense layer into an InherLinear and swap it in; the dense module is dropped here."""
+    if not record.inherited:
+        return
+    layer = _new_layer(dense, record.rank, record.num_heads, config)
+    record.energy_kept = layer.inherit_(dense_weight(dense), dense.bias, config.init, config.head_init,
+                                        config.svd_niter, gram, config.calibration_damping)
+    _replace(model, record.name, layer)
+
+
+def _rank_gains(model: nn.Module, modules: dict[str, nn.Module], batches, config: InherConfig,
+                progressbar: bool) -> dict[str, torch.Tensor]:
+    """What each successive rank of each target is worth, on one scale across layers.
+
+    "energy": sigma_k^2 / ||W||_F^2, the share of the layer's weight energy the rank keeps.
+    "activation": f_l * sigma_k(W L)^2, the loss a rank saves to second order: sigma_k(W L)^2 is the output error
+    it removes on the calibration inputs and f_l the layer's mean squared loss gradient per output element
+    (its Fisher scalar). Statistics come from the dense model, one block at a time, nothing replaced.
+    """
+    if config.rank_allocation == "energy":
+        gains = {}
+        for name, module in tqdm(modules.items(), desc="Weight spectra", disable=not progressbar):
+            energy = spectrum(dense_weight(module)).square()
+            gains[name] = energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
+        return gains
+    sensitivity = output_sensitivity(model, list(modules), batches, progressbar=progressbar)
+    gains = {}
+    for grams in block_grams(model, list(modules), batches, desc="Whitened spectra", progressbar=progressbar):
+        for name, gram in grams.items():
+            gains[name] = sensitivity[name] * spectrum(dense_weight(modules[name]), gram,
+                                                       config.calibration_damping).square()
+    return gains
 
 
 def attach_description(model: PreTrainedModel, config: InherConfig, report: InherReport) -> None:
@@ -226,7 +192,7 @@ def report_from_description(model: nn.Module, description: InherQuantizationConf
             in_f, out_f, bias = module.in_features, module.out_features, module.inher_bias is not None
             params = module.num_params()
         else:
-            out_f, in_f = _dense_weight(module).shape
+            out_f, in_f = dense_weight(module).shape
             bias = module.bias is not None
             params = sum(p.numel() for p in module.parameters())
         dense = in_f * out_f + (out_f if bias else 0)

@@ -154,3 +154,8 @@ def find_targets(
 def _prefixes(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def dense_weight(module: nn.Module):
+    """The weight as (out, in), whatever the layer's storage convention (Conv1D stores (in, out))."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight

@@ -1,0 +1,238 @@
+"""Calibration statistics X^T X of the targets' inputs, gathered block by block (GPTQ-style pipeline).
+
+The inputs of the first transformer block are captured once; then each block runs on them with hooks that
+accumulate its targets' input second moments, the caller factors (and replaces) that block's targets, and the
+block runs again to produce the next block's inputs, now through its compressed layers. Peak extra memory is
+one block's statistics plus the calibration hidden states. Models whose targets do not all sit in one list of
+blocks (encoder-decoders, multi-tower VLMs) fall back to one pass over the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+def prepare_calibration(calibration_data: Any, tokenizer=None, max_length: int = 256, batch_size: int = 8) -> list[dict]:
+    """Normalise calibration data to a list of model-input dicts of tensors.
+
+    Accepts an iterable of dict batches (e.g. a DataLoader of tokenized inputs), or a `datasets.Dataset`
+    with an `input_ids` column or, given a `tokenizer`, a `text` column. Raises on empty data, non-dict
+    batches, batches without tensors, and NaN/Inf in floating inputs.
+    """
+    if calibration_data is None:
+        raise ValueError("This InherConfig needs calibration data (init='whitened' or rank_allocation='activation'): "
+                         "pass get_inher_model(model, config, calibration_data=...), an iterable of model-input dict "
+                         "batches or a datasets.Dataset (with a tokenizer for a 'text' column).")
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        datasets = None
+    if datasets is not None and isinstance(calibration_data, datasets.Dataset):
+        calibration_data = _dataset_batches(calibration_data, tokenizer, max_length, batch_size)
+    elif isinstance(calibration_data, (str, bytes, Mapping, torch.Tensor)) or not isinstance(calibration_data, Iterable):
+        raise TypeError(f"calibration_data must be an iterable of dict batches or a datasets.Dataset, got "
+                        f"{type(calibration_data).__name__}.")
+    batches = []
+    for i, batch in enumerate(calibration_data):
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"calibration_data batch {i} is a {type(batch).__name__}; each batch must be a dict of "
+                            f"model inputs such as {{'input_ids': ..., 'attention_mask': ...}}.")
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise TypeError(f"calibration_data batch {i} holds no tensors (keys: {sorted(batch)}).")
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"calibration_data batch {i} has NaN or Inf values in {key!r}.")
+        batches.append(dict(batch))
+    if not batches:
+        raise ValueError("calibration_data is empty: give at least one batch of model inputs.")
+    return batches
+
+
+def _dataset_batches(dataset, tokenizer, max_length: int, batch_size: int) -> Iterator[dict]:
+    if "input_ids" in dataset.column_names:
+        columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
+        dataset = dataset.with_format("torch", columns=columns)
+        for start in range(0, len(dataset), batch_size):
+            yield dataset[start:start + batch_size]
+    elif "text" in dataset.column_names and tokenizer is not None:
+        for start in range(0, len(dataset), batch_size):
+            texts = dataset[start:start + batch_size]["text"]
+            yield dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length))
+    else:
+        raise ValueError(f"A calibration datasets.Dataset needs an 'input_ids' column, or a 'text' column and a "
+                         f"tokenizer; it has columns {dataset.column_names} and tokenizer={tokenizer!r}.")
+
+
+def find_blocks(model: nn.Module, targets: list[str]) -> Optional[list[tuple[str, nn.Module, list[str]]]]:
+    """The innermost `nn.ModuleList` holding every target, as (block name, block, its targets); None if none does."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            prefix = name + "." if name else ""
+            if all(t.startswith(prefix) for t in targets) and (best is None or len(name) > len(best[0])):
+                best = (name, module)
+    if best is None:
+        return None
+    name, blocks = best
+    prefix = name + "." if name else ""
+    out = []
+    for index, block in enumerate(blocks):
+        inside = [t for t in targets if t.startswith(f"{prefix}{index}.")]
+        out.append((f"{prefix}{index}", block, inside))
+    return out
+
+
+def _model_kwargs(model: nn.Module, batch: dict) -> dict:
+    kwargs = dict(batch)
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _flat_mask(batch: dict) -> Optional[torch.Tensor]:
+    mask = batch.get("attention_mask")
+    return None if mask is None or mask.dim() != 2 else mask.reshape(-1).bool()
+
+
+def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict]) -> list[tuple]:
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i, batch in enumerate(batches):
+            try:
+                model(**_model_kwargs(model, batch))
+            except _StopForward:
+                continue
+            raise RuntimeError(f"Calibration batch {i} ran through the model without reaching its first block.")
+    finally:
+        handle.remove()
+    return captured
+
+
+class _GramHooks:
+    """Forward pre-hooks accumulating X^T X (float64) of each named Linear's input; inputs shared by several
+    targets (q/k/v, gate/up) are multiplied once per batch. Padding rows are dropped when a mask is set."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.grams: dict[str, torch.Tensor] = {}
+        self.mask: Optional[torch.Tensor] = None
+        self._products: dict = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def new_batch(self, mask: Optional[torch.Tensor]) -> None:
+        self.mask, self._products = mask, {}
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in self._products:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                if self.mask is not None and flat.shape[0] == self.mask.numel():
+                    flat = flat[self.mask.to(flat.device)]
+                flat = flat.float()
+                self._products[key] = (flat.T @ flat).double()  # float32 product per batch, float64 sum
+            product = self._products[key]
+            self.grams[name] = product.clone() if name not in self.grams else self.grams[name] + product
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc: str = "Calibrating",
+                progressbar: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield {target: X^T X} one block at a time. After each yield the block is run again, so replacements the
+    caller made inside it shape the inputs of the next block."""
+    blocks = find_blocks(model, targets)
+    with torch.no_grad():
+        if blocks is None:  # one pass over the whole model, every target's statistics at once
+            hooks = _GramHooks({t: model.get_submodule(t) for t in targets})
+            try:
+                for batch in tqdm(batches, desc=f"{desc} (whole model)", disable=not progressbar):
+                    hooks.new_batch(_flat_mask(batch))
+                    model(**_model_kwargs(model, batch))
+            finally:
+                hooks.remove()
+            yield hooks.grams
+            return
+        inputs = _capture_first_block_inputs(model, blocks[0][1], batches)
+        masks = [_flat_mask(batch) for batch in batches]
+        for _name, block, inside in tqdm(blocks, desc=desc, disable=not progressbar):
+            if inside:
+                hooks = _GramHooks({t: model.get_submodule(t) for t in inside})
+                try:
+                    for (args, kwargs), mask in zip(inputs, masks):
+                        hooks.new_batch(mask)
+                        block(*args, **kwargs)
+                finally:
+                    hooks.remove()
+                yield hooks.grams
+            inputs = [_advance(block, args, kwargs) for args, kwargs in inputs]
+
+
+def _advance(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """Run `block` and return the (args, kwargs) of the next block: its output replaces the hidden states."""
+    out = block(*args, **kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict], seed: int = 0,
+                       progressbar: bool = True) -> dict[str, float]:
+    """Mean squared loss gradient per output element of each target, E ||dL/dy||^2 / out_features: the per-layer
+    Fisher scalar f_l with which an output error delta costs about f_l ||delta||^2 of loss.
+
+    The loss is the model's own predictive cross-entropy against labels sampled from its logits (the true Fisher,
+    no labels needed). Parameters are frozen for the pass, so no weight gradient is allocated.
+    """
+    sums = {t: 0.0 for t in targets}
+    counts = {t: 0 for t in targets}
+    generator = torch.Generator().manual_seed(seed)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    embeddings = model.get_input_embeddings()
+
+    def grad_hook(name):
+        def forward_hook(_module, _args, output):
+            def record(grad):
+                sums[name] += float(grad.detach().float().square().sum())
+                counts[name] += grad[..., 0].numel() * grad.shape[-1]
+            output.register_hook(record)
+        return forward_hook
+
+    handles = [model.get_submodule(t).register_forward_hook(grad_hook(t)) for t in targets]
+    handles.append(embeddings.register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    try:
+        model.requires_grad_(False)
+        for batch in tqdm(batches, desc="Output sensitivity", disable=not progressbar):
+            for row in range(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]):
+                single = {k: v[row:row + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                logits = model(**_model_kwargs(model, single)).logits.float()
+                probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
+                labels = torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device).view(-1)
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {t: sums[t] / max(counts[t], 1) for t in targets}

