@@ -1,0 +1,753 @@
+"""The training machinery shared by the recipes (`recipes/glue.py`, `recipes/gsm8k.py`), built on Accelerate.
+
+One copy of everything a recipe needs around its data and metrics:
+
+* command-line flags: `add_training_args` (the `run_*_no_trainer.py` flags), `add_kd_args`, `add_inher_args`;
+* setup: `build_accelerator`, `build_optimizer`, `prepare_training` (prepares, sizes the run, builds the scheduler),
+  `inher_config_from_args` and `inherit_model` (passes `calibration_data` only when the config needs it:
+  init='whitened' or rank_allocation='activation');
+* knowledge distillation: `kd_kl_loss`, `kd_mse_loss`, `distillation_loss` and `DistillationLoss` (the per-batch
+  loss of a student with an optional frozen teacher: Hinton KD for classification, MSE for regression, token-level
+  KL on the answer tokens of a causal LM);
+* the loop: `train` (gradient accumulation, scheduler, mixed precision, tracking, checkpoints, exact resume,
+  NaN/Inf stop) and `evaluate` (predictions gathered with `gather_for_metrics`, no duplicated samples);
+* checkpoints: `save_checkpoint` (atomic: written to a hidden temporary folder, renamed when complete),
+  `find_latest_checkpoint`, `resolve_checkpoint`; results: `write_results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import SchedulerType, get_scheduler
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_STATE_FILE = "inhernet_trainer_state.json"
+CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+# Test-only fault injection: "during_save:N" exits (like a kill) after the checkpoint of step N is written to its
+# temporary folder but before it is renamed; "after_checkpoint:N" right after the checkpoint of step N is complete.
+TEST_KILL_ENV = "_INHERNET_TEST_KILL"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN/Inf; training stopped before the weights were updated."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, incomplete, or written by a different setup)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line flags shared by the recipes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_checkpointing_steps(value: Optional[str]) -> Union[None, int, str]:
+    """`--checkpointing_steps`: None, a positive number of optimizer steps, or 'epoch'."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        steps = value
+    elif value == "epoch":
+        return "epoch"
+    elif str(value).isdigit():
+        steps = int(value)
+    else:
+        raise argparse.ArgumentTypeError(f"--checkpointing_steps must be a positive integer or 'epoch', got {value!r}.")
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"--checkpointing_steps must be a positive integer or 'epoch', got {value!r}.")
+    return steps
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return number
+
+
+def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 5e-5) -> argparse.ArgumentParser:
+    """The flags of transformers' `run_*_no_trainer.py` examples that drive `train` (mixed precision and the number
+    of processes are `accelerate launch`'s own flags)."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--per_device_train_batch_size", type=_positive_int, default=8)
+    group.add_argument("--per_device_eval_batch_size", type=_positive_int, default=8)
+    group.add_argument("--learning_rate", type=float, default=learning_rate,
+                       help="Initial (after warmup) learning rate.")
+    group.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms).")
+    group.add_argument("--num_train_epochs", type=_non_negative_int, default=3)
+    group.add_argument("--max_train_steps", type=_non_negative_int, default=None,
+                       help="Total optimizer steps; overrides --num_train_epochs. 0 only evaluates.")
+    group.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    schedulers = [t.value for t in SchedulerType]
+    group.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear", choices=schedulers,
+                       metavar="{" + ",".join(schedulers) + "}")
+    group.add_argument("--num_warmup_steps", type=_non_negative_int, default=0, help="Optimizer steps of warmup.")
+    group.add_argument("--max_grad_norm", type=float, default=None,
+                       help="Clip gradients to this norm (default: no clipping).")
+    group.add_argument("--output_dir", type=str, required=True, help="Final model, all_results.json and checkpoints.")
+    group.add_argument("--seed", type=int, default=42,
+                       help="Seed of the initialisation, dropout and data order (needed for exact resumption).")
+    group.add_argument("--checkpointing_steps", type=parse_checkpointing_steps, default=None,
+                       help="Save the training state every N optimizer steps, or 'epoch' at the end of each epoch.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="A checkpoint folder (output_dir/step_N or epoch_N), or 'latest' for the most advanced "
+                            "complete checkpoint in --output_dir (a fresh start when there is none).")
+    group.add_argument("--with_tracking", action="store_true", help="Log metrics with the trackers of --report_to.")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help="Tracker(s) for --with_tracking: 'tensorboard', 'wandb', 'all', ... (Accelerate's names).")
+    group.add_argument("--push_to_hub", action="store_true", help="Push the final model (with its card) to the Hub.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id; default: output_dir's name.")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
+    return parser
+
+
+def add_kd_args(parser: argparse.ArgumentParser, alpha: float = 0.5,
+                temperature: float = 2.0) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("knowledge distillation (inherited runs only)")
+    group.add_argument("--kd_alpha", type=float, default=alpha,
+                       help="Weight of the distillation term: (1 - a) * task loss + a * KD loss. 0 disables KD.")
+    group.add_argument("--kd_temperature", type=float, default=temperature,
+                       help="Softmax temperature T of the KD term.")
+    group.add_argument("--teacher_name_or_path", type=str, default=None,
+                       help="Frozen teacher (a fine-tuned model folder or Hub id). Default: --model_name_or_path.")
+    return parser
+
+
+def add_inher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags mapping to `InherConfig` (validated by InherConfig itself, so new choices need no change here)."""
+    group = parser.add_argument_group("inheritance (InherConfig)")
+    group.add_argument("--no_inher", action="store_true", help="Train the plain (dense) model: the teacher run.")
+    group.add_argument("--inher_r", type=int, default=None, help="Rank of every inherited layer.")
+    group.add_argument("--inher_target_ratio", type=float, default=None,
+                       help="Fraction of the targeted layers' parameters kept (default 0.5 when --inher_r is not "
+                            "given).")
+    group.add_argument("--inher_num_heads", type=int, default=2, help="Number of gated up-projection heads.")
+    group.add_argument("--inher_init", type=str, default="svd",
+                       help="'svd', 'svd_lowrank', 'random' or 'whitened' (needs calibration data, see below).")
+    group.add_argument("--inher_rank_allocation", type=str, default=None,
+                       help="'uniform', 'energy' or 'activation' (InherConfig.rank_allocation; default: "
+                            "InherConfig's).")
+    group.add_argument("--inher_min_rank", type=int, default=None,
+                       help="InherConfig.min_rank (default: InherConfig's).")
+    group.add_argument("--inher_rank_multiple", type=int, default=None,
+                       help="InherConfig.rank_multiple (default: InherConfig's).")
+    group.add_argument("--inher_target_modules", type=str, nargs="+", default=None,
+                       help="Module names to inherit, one regex string, or 'all-linear' (default: the model type's).")
+    group.add_argument("--inher_calibration_samples", type=_positive_int, default=128,
+                       help="Training examples passed as calibration_data when the config needs them "
+                            "(--inher_init whitened or --inher_rank_allocation activation).")
+    return parser
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Cross-flag checks of the shared flags; raises ValueError with the flag names."""
+    if not 0.0 <= args.kd_alpha <= 1.0:
+        raise ValueError(f"--kd_alpha must lie in [0, 1], got {args.kd_alpha}.")
+    if not args.kd_temperature > 0:
+        raise ValueError(f"--kd_temperature must be > 0, got {args.kd_temperature}.")
+    if not args.no_inher and args.inher_r is not None and args.inher_target_ratio is not None:
+        raise ValueError("Give only one of --inher_r and --inher_target_ratio.")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise ValueError(f"--max_grad_norm must be > 0, got {args.max_grad_norm}.")
+
+
+def inher_config_from_args(args: argparse.Namespace, task_type: str):
+    """The `InherConfig` of the `--inher_*` flags. Options of newer InherConfig fields (rank_allocation, min_rank,
+    rank_multiple) are passed only when given, so this works with InherConfig versions that lack them."""
+    import dataclasses
+
+    from .config import InherConfig
+
+    kwargs: dict[str, Any] = {"num_heads": args.inher_num_heads, "init": args.inher_init, "task_type": task_type}
+    if args.inher_r is not None:
+        kwargs["r"] = args.inher_r
+    else:
+        kwargs["target_ratio"] = 0.5 if args.inher_target_ratio is None else args.inher_target_ratio
+    if args.inher_target_modules is not None:
+        modules = args.inher_target_modules
+        # One value that is 'all-linear' or looks like a regex is passed as a string, anything else as a name list.
+        is_pattern = len(modules) == 1 and (modules[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", modules[0]))
+        kwargs["target_modules"] = modules[0] if is_pattern else modules
+    known = {f.name for f in dataclasses.fields(InherConfig)}
+    for flag, name in (("inher_rank_allocation", "rank_allocation"), ("inher_min_rank", "min_rank"),
+                       ("inher_rank_multiple", "rank_multiple")):
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if name not in known:
+            raise ValueError(f"--{flag} needs InherConfig.{name}, which this inhernet_hf version does not have.")
+        kwargs[name] = value
+    return InherConfig(**kwargs)
+
+
+def calibration_batches(dataloader: Iterable[Mapping[str, Any]], num_samples: int) -> list[dict[str, Any]]:
+    """The first `num_samples` examples of `dataloader` (not shuffled) as model-input dict batches (labels dropped)."""
+    batches, seen = [], 0
+    for batch in dataloader:
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        size = len(next(iter(batch.values())))
+        keep = min(size, num_samples - seen)
+        batches.append({k: v[:keep] for k, v in batch.items()} if keep < size else batch)
+        seen += keep
+        if seen >= num_samples:
+            break
+    return batches
+
+
+def needs_calibration(inher_config) -> bool:
+    """Whether `get_inher_model` needs `calibration_data` for this config: init='whitened' (and, in InherConfig
+    versions that have it, rank_allocation='activation'; `InherConfig.needs_calibration` decides when present)."""
+    needs = getattr(inher_config, "needs_calibration", None)
+    if needs is None:
+        needs = inher_config.init == "whitened" or getattr(inher_config, "rank_allocation", None) == "activation"
+    return bool(needs)
+
+
+def inherit_model(model: nn.Module, inher_config, calibration_loader: Optional[Iterable] = None,
+                  calibration_samples: int = 128, progressbar: bool = True):
+    """`get_inher_model(model, inher_config)`, with `calibration_data` (the first `calibration_samples` examples of
+    `calibration_loader`, labels dropped) only when the config needs it (`needs_calibration`)."""
+    from .model import get_inher_model
+
+    if not needs_calibration(inher_config):
+        return get_inher_model(model, inher_config, progressbar=progressbar)
+    if calibration_loader is None:
+        raise ValueError(f"init={inher_config.init!r} / rank_allocation="
+                         f"{getattr(inher_config, 'rank_allocation', None)!r} needs calibration data, but no "
+                         f"calibration loader was given.")
+    data = calibration_batches(calibration_loader, calibration_samples)
+    return get_inher_model(model, inher_config, calibration_data=data, progressbar=progressbar)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_accelerator(args: argparse.Namespace) -> Accelerator:
+    """Accelerator with gradient accumulation, trackers (when --with_tracking) under --output_dir, and a seedable
+    sampler: the shuffled order of epoch e depends only on (seed, e), which is what makes resumption exact."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    set_seed(args.seed)
+    if (accelerator.num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ
+            and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
+        accelerator.print(
+            "warning: `accelerate launch --cpu --num_processes N` starts ONE process unless mpirun is configured "
+            "(accelerate issue #2741). For N CPU processes (gloo) run: ACCELERATE_USE_CPU=1 accelerate launch "
+            "--multi_gpu --num_processes N ...")
+    return accelerator
+
+
+def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and normalisation weights (HF convention)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_norm = "norm" in name.lower() or name.endswith("bias") or param.ndim < 2
+        (no_decay if is_norm else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+
+
+@dataclass
+class TrainPlan:
+    """How long the run is, in per-process batches and optimizer steps (after `accelerator.prepare`)."""
+
+    max_train_steps: int
+    num_train_epochs: int
+    num_update_steps_per_epoch: int
+    train_batches_per_epoch: int
+    gradient_accumulation_steps: int
+    total_batch_size: int
+    num_processes: int
+
+
+def prepare_training(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     train_dataloader, eval_dataloaders: Mapping[str, Any], args: argparse.Namespace):
+    """Prepare everything, size the run from the *sharded* train loader and build the scheduler.
+
+    Returns (model, optimizer, train_dataloader, eval_dataloaders, lr_scheduler, plan). The prepared scheduler is
+    stepped `num_processes` times per optimizer step by Accelerate, so its horizon and warmup are scaled by it.
+    """
+    train_dataloader = accelerator.prepare(train_dataloader)
+    batches = len(train_dataloader)
+    accum = args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(batches / accum)
+    if args.max_train_steps is None:
+        max_steps = args.num_train_epochs * steps_per_epoch
+    else:
+        max_steps = args.max_train_steps
+    epochs = math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else 0
+    if max_steps > 0 and steps_per_epoch == 0:
+        raise ValueError("The training set is empty.")
+    scheduler = get_scheduler(
+        name=args.lr_scheduler_type, optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max(max_steps, 1) * accelerator.num_processes,
+    )
+    names = list(eval_dataloaders)
+    model, optimizer, scheduler, *evals = accelerator.prepare(model, optimizer, scheduler,
+                                                              *[eval_dataloaders[n] for n in names])
+    plan = TrainPlan(max_steps, epochs, steps_per_epoch, batches, accum,
+                     args.per_device_train_batch_size * accelerator.num_processes * accum, accelerator.num_processes)
+    return model, optimizer, train_dataloader, dict(zip(names, evals)), scheduler, plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Knowledge distillation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.device, torch.bool).expand_as(values)
+    count = mask.sum()
+    return torch.where(mask, values, 0.0).sum() / count.clamp(min=1)
+
+
+def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over the last (class / vocabulary) axis and averaged
+    over every other position: rows of a (batch, classes) pair, or the tokens where `mask` is True of a
+    (batch, length, vocab) pair. Computed in float32."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
+    return temperature**2 * _masked_mean(kl, mask)
+
+
+def kd_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared error between student and teacher outputs (regression), averaged where `mask` is True."""
+    err = (student_logits.float() - teacher_logits.detach().float()) ** 2
+    if mask is not None:
+        mask = mask.to(err.device, torch.bool)
+        while mask.ndim < err.ndim:
+            mask = mask.unsqueeze(-1)
+    return _masked_mean(err, mask)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor,
+                      alpha: float, temperature: float = 1.0, kind: str = "kl",
+                      mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - alpha) * hard_loss + alpha * soft, with soft = `kd_kl_loss` (kind 'kl', Hinton et al.) or `kd_mse_loss`
+    (kind 'mse', regression; the temperature is unused). Returns (total, soft)."""
+    if kind == "kl":
+        soft = kd_kl_loss(student_logits, teacher_logits, temperature, mask)
+    elif kind == "mse":
+        soft = kd_mse_loss(student_logits, teacher_logits, mask)
+    else:
+        raise ValueError(f"kind must be 'kl' or 'mse', got {kind!r}.")
+    return (1.0 - alpha) * hard_loss + alpha * soft, soft
+
+
+class DistillationLoss:
+    """Per-batch loss for `train`: the model's own loss (`outputs.loss`, computed from `batch['labels']`), mixed
+    with a KD term against a frozen `teacher` when one is given and `alpha > 0`.
+
+    `token_level=True` is for causal LMs: logits at position i predict token i+1, so the KD term compares
+    `logits[:, :-1]` on the positions whose next-token label is not `ignore_index` (the answer tokens).
+    """
+
+    def __init__(self, teacher: Optional[nn.Module] = None, alpha: float = 0.0, temperature: float = 1.0,
+                 kind: str = "kl", token_level: bool = False, ignore_index: int = -100,
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> None:
+        if kind not in ("kl", "mse"):
+            raise ValueError(f"kind must be 'kl' or 'mse', got {kind!r}.")
+        self.teacher = teacher if alpha > 0 else None
+        self.alpha, self.temperature, self.kind = alpha, temperature, kind
+        self.token_level, self.ignore_index = token_level, ignore_index
+        self.autocast = autocast or contextlib.nullcontext
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        outputs = model(**batch)
+        hard = outputs.loss
+        if hard is None:
+            raise ValueError("The model returned no loss: the batch needs 'labels'.")
+        if self.teacher is None:
+            return hard, {}
+        with torch.no_grad(), self.autocast():
+            teacher_logits = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        student_logits, mask = outputs.logits, None
+        if self.token_level:
+            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+            mask = batch["labels"][:, 1:] != self.ignore_index
+        loss, soft = distillation_loss(student_logits, teacher_logits, hard, self.alpha, self.temperature,
+                                       self.kind, mask)
+        return loss, {"task_loss": hard.detach(), "kd_loss": soft.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _test_kill(point: str, step: int) -> None:
+    spec = os.environ.get(TEST_KILL_ENV, "")
+    if spec == f"{point}:{step}":
+        logger.warning("%s=%s: exiting now (test fault injection).", TEST_KILL_ENV, spec)
+        os._exit(86)
+
+
+def read_checkpoint_state(path: Union[str, Path]) -> dict[str, Any]:
+    with open(Path(path) / CHECKPOINT_STATE_FILE) as f:
+        return json.load(f)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Union[str, Path], name: str,
+                    state: dict[str, Any]) -> Path:
+    """`accelerator.save_state` into `output_dir/.tmp-<name>`, then `state` as its trainer-state file, then an
+    atomic rename to `output_dir/<name>`. A run killed at any point leaves either the complete previous checkpoint
+    set or the new one; the hidden temporary folder is never taken for a checkpoint. All processes must call it."""
+    output_dir = Path(output_dir)
+    final, tmp, old = output_dir / name, output_dir / f"{TMP_PREFIX}{name}", output_dir / f"{OLD_PREFIX}{name}"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a killed run
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG state
+    if accelerator.is_main_process:
+        with open(tmp / CHECKPOINT_STATE_FILE, "w") as f:
+            json.dump(state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _test_kill("during_save", state["completed_steps"])
+        if final.exists():  # rename(2) cannot replace a non-empty directory: move the old one aside first
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    _test_kill("after_checkpoint", state["completed_steps"])
+    return final
+
+
+def find_latest_checkpoint(output_dir: Union[str, Path]) -> Optional[Path]:
+    """The complete checkpoint (`step_N` / `epoch_N` holding a trainer-state file) with the most optimizer steps
+    in `output_dir`; ties go to the most recently written. None when there is none."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for child in output_dir.iterdir():
+        if child.is_dir() and CHECKPOINT_NAME.match(child.name) and (child / CHECKPOINT_STATE_FILE).is_file():
+            try:
+                steps = int(read_checkpoint_state(child)["completed_steps"])
+            except (ValueError, KeyError, json.JSONDecodeError):
+                continue
+            found.append((steps, (child / CHECKPOINT_STATE_FILE).stat().st_mtime, child))
+    return max(found)[2] if found else None
+
+
+def resolve_checkpoint(value: Optional[str], output_dir: Union[str, Path]) -> Optional[Path]:
+    """`--resume_from_checkpoint`: None; 'latest' (the latest complete checkpoint of `output_dir`, or None when
+    there is none yet: a fresh start); or a checkpoint folder, which must exist and be complete."""
+    if not value:
+        return None
+    if value == "latest":
+        latest = find_latest_checkpoint(output_dir)
+        if latest is None:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s yet; starting from scratch.",
+                           output_dir)
+        return latest
+    path = Path(value)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint {value}: no such folder.")
+    if not (path / CHECKPOINT_STATE_FILE).is_file():
+        raise CheckpointError(f"--resume_from_checkpoint {value}: not a complete checkpoint (no {CHECKPOINT_STATE_FILE}"
+                              f"; folders named {TMP_PREFIX}* are interrupted saves).")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train and evaluate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without advancing any global RNG (python, numpy, torch CPU and CUDA): evaluation and the start
+    of a data iterator (which draws a worker base seed) must not shift the dropout stream of training, or a resumed
+    run would diverge from an uninterrupted one."""
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _batches(dataloader) -> Iterator[Any]:
+    """Iterate `dataloader`, starting its iterator (and fetching the first batch) under `preserved_rng`."""
+    iterator = iter(dataloader)
+    with preserved_rng():
+        try:
+            first = next(iterator)
+        except StopIteration:
+            return
+    yield first
+    yield from iterator
+
+
+def evaluate(accelerator: Accelerator, model: nn.Module, dataloader,
+             predict: Optional[Callable[[Any, Mapping[str, Any]], torch.Tensor]] = None,
+             label_key: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and references over a prepared eval loader, gathered from every process with
+    `gather_for_metrics` (the samples padded onto the last batches to even them out are dropped, so each example
+    counts once). `predict(outputs, batch)` maps model outputs to predictions (default: argmax of the logits)."""
+    predict = predict or (lambda outputs, batch: outputs.logits.argmax(dim=-1))
+    model.eval()
+    predictions, references = [], []
+    with preserved_rng():
+        for batch in dataloader:
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in batch.items() if k != label_key})
+            preds, refs = accelerator.gather_for_metrics((predict(outputs, batch), batch[label_key]))
+            predictions.append(preds.float().cpu().numpy() if preds.is_floating_point() else preds.cpu().numpy())
+            references.append(refs.float().cpu().numpy() if refs.is_floating_point() else refs.cpu().numpy())
+    if not predictions:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(predictions), np.concatenate(references)
+
+
+@dataclass
+class TrainResult:
+    completed_steps: int
+    epoch: float  # optimizer steps done / steps per epoch
+    train_loss: Optional[float]
+    train_runtime: float
+    train_steps_this_run: int
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: Optional[str] = None
+    last_checkpoint: Optional[str] = None
+
+
+def _tracker_config(args: Optional[argparse.Namespace]) -> dict[str, Any]:
+    """Hyperparameters as trackers (TensorBoard hparams) accept them."""
+    config = {}
+    for key, value in vars(args or argparse.Namespace()).items():
+        if hasattr(value, "value"):
+            value = value.value
+        if isinstance(value, (bool, int, float, str)):
+            config[key] = value
+        elif value is not None:
+            config[key] = str(value)
+    return config
+
+
+def train(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer,
+    lr_scheduler,
+    train_dataloader,
+    loss_fn: Callable[[nn.Module, Mapping[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    plan: TrainPlan,
+    output_dir: Union[str, Path],
+    checkpointing_steps: Union[None, int, str] = None,
+    resume_from_checkpoint: Optional[Union[str, Path]] = None,
+    max_grad_norm: Optional[float] = None,
+    eval_fn: Optional[Callable[[], dict[str, float]]] = None,
+    seed: Optional[int] = None,
+    with_tracking: bool = False,
+    project_name: str = "inhernet",
+    tracker_args: Optional[argparse.Namespace] = None,
+) -> TrainResult:
+    """The training loop shared by the recipes (all arguments prepared by `prepare_training`).
+
+    Per micro-batch: `loss, logs = loss_fn(model, batch)` inside `accelerator.accumulate(model)`, then backward;
+    at each optimizer step the gradients are clipped (`max_grad_norm`) and the optimizer and scheduler step.
+    Every `checkpointing_steps` optimizer steps (or at each epoch end for 'epoch') the full state is saved
+    atomically with `save_checkpoint`. `resume_from_checkpoint` (a folder from `resolve_checkpoint`) restores model,
+    optimizer, scheduler, scaler and RNG states (`accelerator.load_state`) and the data position: the epoch's
+    seeded order is replayed and the consumed batches skipped with `accelerator.skip_first_batches`, so the result
+    equals that of an uninterrupted run. A NaN/Inf loss (or, without an fp16 loss scaler, gradient norm) on any
+    process raises `NonFiniteLossError` before the weights change; the last checkpoint is left as it was.
+    `eval_fn()` runs (under `preserved_rng`) at the end of every epoch and once at the end if the last epoch's
+    evaluation does not already describe the final weights; its metrics are logged with an 'eval_' prefix.
+    """
+    output_dir = Path(output_dir)
+    completed_steps, starting_epoch, skip_batches = 0, 0, 0
+    resumed_from = last_checkpoint = None
+    if resume_from_checkpoint:
+        path = Path(resume_from_checkpoint)
+        state = read_checkpoint_state(path)
+        expected = {"train_batches_per_epoch": plan.train_batches_per_epoch, "num_processes": plan.num_processes,
+                    "gradient_accumulation_steps": plan.gradient_accumulation_steps}
+        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items())
+            raise CheckpointError(f"Cannot resume exactly from {path}: the run is set up differently ({details}). "
+                                  f"Resume with the same data, batch size, accumulation and number of processes.")
+        if seed is not None and state.get("seed") not in (None, seed):
+            raise CheckpointError(f"Cannot resume exactly from {path}: it was written with --seed {state['seed']}, "
+                                  f"this run has --seed {seed} (the data order depends on it).")
+        accelerator.print(f"Resuming from checkpoint {path}")
+        accelerator.load_state(str(path))
+        completed_steps, starting_epoch, skip_batches = (int(state["completed_steps"]), int(state["epoch"]),
+                                                         int(state["batches_in_epoch"]))
+        resumed_from = last_checkpoint = str(path)
+
+    if with_tracking:
+        accelerator.init_trackers(project_name, _tracker_config(tracker_args))
+
+    def position_state(epoch: int, batches_done: int) -> dict[str, Any]:
+        if batches_done >= plan.train_batches_per_epoch:
+            epoch, batches_done = epoch + 1, 0
+        return {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_done,
+                "train_batches_per_epoch": plan.train_batches_per_epoch, "num_processes": plan.num_processes,
+                "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+                "max_train_steps": plan.max_train_steps, "seed": seed}
+
+    def run_eval(epoch: int) -> dict[str, float]:
+        with preserved_rng():
+            metrics = eval_fn()
+        model.train()
+        accelerator.print(f"epoch {epoch} step {completed_steps}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        if with_tracking:
+            record = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            accelerator.log({**record, "epoch": epoch}, step=completed_steps)
+        return metrics
+
+    scaler_in_use = getattr(accelerator, "scaler", None) is not None
+
+    def micro_step(batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward/backward of one micro-batch (and the optimizer step at accumulation boundaries); returns the
+        loss summed over processes and the loss function's logs. Non-finite values stop every process together."""
+        with accelerator.accumulate(model):
+            loss, logs = loss_fn(model, batch)
+            stats = accelerator.reduce(torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()]),
+                                       "sum")
+            if stats[1] > 0:
+                raise NonFiniteLossError(_non_finite_message("loss", loss.item(), completed_steps + 1, epoch,
+                                                             last_checkpoint))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+                if norm is not None and not scaler_in_use and not torch.isfinite(torch.as_tensor(norm)):
+                    raise NonFiniteLossError(_non_finite_message("gradient norm", float(norm), completed_steps + 1,
+                                                                 epoch, last_checkpoint))
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        return stats[0], logs
+
+    progress = tqdm(range(plan.max_train_steps), initial=min(completed_steps, plan.max_train_steps),
+                    disable=not accelerator.is_local_main_process, desc="Training")
+    eval_metrics: dict[str, float] = {}
+    eval_step = None
+    loss_sum, loss_count, steps_this_run = 0.0, 0, 0
+    start = time.perf_counter()
+    epoch = starting_epoch
+    try:
+        for epoch in range(starting_epoch, plan.num_train_epochs if completed_steps < plan.max_train_steps else 0):
+            model.train()
+            train_dataloader.set_epoch(epoch)  # the seeded order of this epoch
+            skip = skip_batches if epoch == starting_epoch else 0
+            loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            batches_done = skip
+            for batch in _batches(loader):
+                loss_total, logs = micro_step(batch, epoch)
+                batches_done += 1
+                loss_sum += loss_total.item() / accelerator.num_processes
+                loss_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                completed_steps += 1
+                steps_this_run += 1
+                progress.update(1)
+                if with_tracking:
+                    record = {"train_loss": loss_total.item() / accelerator.num_processes,
+                              "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                    record.update({k: accelerator.reduce(v.float(), "mean").item() for k, v in logs.items()})
+                    accelerator.log(record, step=completed_steps)
+                if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
+                    last_checkpoint = str(save_checkpoint(accelerator, output_dir, f"step_{completed_steps}",
+                                                          position_state(epoch, batches_done)))
+                if completed_steps >= plan.max_train_steps:
+                    break
+            if eval_fn is not None:
+                eval_metrics, eval_step = run_eval(epoch), completed_steps
+            if checkpointing_steps == "epoch":
+                last_checkpoint = str(save_checkpoint(accelerator, output_dir, f"epoch_{epoch}",
+                                                      position_state(epoch, batches_done)))
+            if completed_steps >= plan.max_train_steps:
+                break
+    except NonFiniteLossError:
+        progress.close()
+        for tracker in accelerator.trackers:  # flush what was logged up to the failure
+            tracker.finish()
+        raise
+    progress.close()
+    runtime = time.perf_counter() - start
+    if eval_fn is not None and eval_step != completed_steps:
+        eval_metrics = run_eval(epoch)
+    epochs_done = completed_steps / plan.num_update_steps_per_epoch if plan.num_update_steps_per_epoch else 0.0
+    return TrainResult(completed_steps, round(epochs_done, 4), loss_sum / loss_count if loss_count else None, runtime,
+                       steps_this_run, eval_metrics, resumed_from, last_checkpoint)
+
+
+def _non_finite_message(what: str, value: float, step: int, epoch: int, last_checkpoint: Optional[str]) -> str:
+    keep = (f"The last good checkpoint is {last_checkpoint}; resume from it (--resume_from_checkpoint) "
+            if last_checkpoint else "No checkpoint was saved (see --checkpointing_steps); restart ")
+    return (f"The {what} became {value} at optimizer step {step} (epoch {epoch}); training stopped before this step "
+            f"changed the weights. {keep}with a lower --learning_rate, gradient clipping (--max_grad_norm) or "
+            f"bf16/fp32 instead of fp16.")
+
+
+def write_results(path: Union[str, Path], results: Mapping[str, Any]) -> None:
+    """JSON with NaN/Inf written as null (strict JSON), keys sorted."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, (np.floating, np.integer)):
+            return clean(value.item())
+        return value
+
+    with open(path, "w") as f:
+        json.dump({k: clean(v) for k, v in results.items()}, f, indent=2, sort_keys=True)

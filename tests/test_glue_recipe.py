@@ -1,0 +1,468 @@
+"""recipes/glue.py end to end through `accelerate launch` (real MiniLM-L6, real GLUE SST-2 TSVs), and unit tests of
+the shared machinery in inhernet_hf.training (KD losses, NaN stop, checkpoint resolution).
+
+Data: $INHERNET_DATA_DIR (default: the `shared/data` folder beside the repository), holding glue/SST-2 etc.
+
+Multi-process note: with accelerate 1.x, `accelerate launch --cpu --num_processes 2` starts ONE process unless
+mpirun is configured (huggingface/accelerate#2741); two CPU processes over gloo are started with
+`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (torch.distributed.run).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hub_server import recording_hub
+from reference import minilm_path
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "glue.py"
+DATA_DIR = Path(os.environ.get("INHERNET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+GLUE = DATA_DIR / "glue"
+needs_glue = pytest.mark.skipif(
+    not (GLUE / "SST-2" / "train.tsv").is_file(),
+    reason=f"GLUE TSVs not found under {GLUE}: set INHERNET_DATA_DIR to the folder holding glue/SST-2/train.tsv",
+)
+
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # not a dependency of the package
+
+SST2 = ["--task_name", "sst2", "--data_dir", str(GLUE), "--max_train_samples", "200", "--max_eval_samples", "201"]
+TEACHER_ARGS = [*SST2, "--no_inher", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                "--learning_rate", "1e-4", "--num_train_epochs", "2"]
+# 200 examples / 16 = 13 batches per epoch; accumulation 2 -> 7 optimizer steps per epoch (the last one on a single
+# batch); 10 steps = 2 epochs; checkpoints at step 4 (mid epoch 0) and step 8 (epoch 1).
+STUDENT_ARGS = [*SST2, "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                "--learning_rate", "3e-4", "--max_train_steps", "10", "--gradient_accumulation_steps", "2",
+                "--checkpointing_steps", "4", "--inher_target_ratio", "0.5", "--inher_num_heads", "2",
+                "--inher_init", "svd", "--kd_alpha", "0.5", "--kd_temperature", "2"]
+
+
+def launch(args, output_dir, num_processes=1, env=None, check=True):
+    """`accelerate launch` the recipe on CPU; returns the CompletedProcess."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--num_processes", str(num_processes)]
+    extra = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if num_processes == 1:
+        command.append("--cpu")
+    else:
+        command += ["--multi_gpu", "--main_process_port", "0"]
+        extra["ACCELERATE_USE_CPU"] = "1"
+    command += [str(RECIPE), *map(str, args), "--output_dir", str(output_dir)]
+    result = subprocess.run(command, env={**os.environ, **extra, **(env or {})}, capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def results(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "all_results.json").read_text())
+
+
+def load_recipe():
+    """recipes/glue.py as a module (registered in sys.modules: its dataclasses need it)."""
+    if "glue_recipe" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("glue_recipe", RECIPE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["glue_recipe"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["glue_recipe"]
+
+
+def safetensors_equal(a, b) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """The --no_inher run: MiniLM fine-tuned on 200 SST-2 examples; its output_dir is the KD teacher."""
+    out = tmp_path_factory.mktemp("glue") / "teacher"
+    launch([*TEACHER_ARGS, "--model_name_or_path", minilm_path()], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory):
+    """Inherited from the teacher (SVD, 2 heads, half the targeted parameters), distilled from it (default teacher:
+    --model_name_or_path), with checkpoints, TensorBoard tracking and a push to a local Hub stand-in."""
+    out = tmp_path_factory.mktemp("glue") / "student"
+    tracking = ["--with_tracking", "--report_to", "tensorboard"] if HAS_TENSORBOARD else []
+    with recording_hub() as hub:
+        launch([*STUDENT_ARGS, "--model_name_or_path", teacher, *tracking,
+                "--push_to_hub", "--hub_model_id", "me/minilm-sst2-inher"], out,
+               env={**hub.env, "HF_HUB_OFFLINE": "0"})  # everything else is local; the Hub is 127.0.0.1
+    return out, hub
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (a) end to end
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@needs_glue
+def test_teacher_then_inherited_student_end_to_end(teacher, student):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from inhernet_hf import InherModel  # importing inhernet_hf registers the layers with transformers
+
+    t = results(teacher)
+    assert not t["inherited"] and not t["kd"] and t["eval_samples"] == 201
+    assert t["eval_accuracy"] > 0.55, t  # learnt something in 26 steps
+    assert AutoModelForSequenceClassification.from_pretrained(teacher).config.id2label == {0: "negative", 1: "positive"}
+
+    out, hub = student
+    r = results(out)
+    assert r["inherited"] and r["kd"] and r["train_steps"] == 10 and r["eval_samples"] == 201
+    assert 0.0 <= r["eval_accuracy"] <= 1.0
+    assert r["total_params"] < r["dense_params"] == t["total_params"] and r["trainable_params"] == r["total_params"]
+    assert r["wall_time"] > r["train_runtime"] > 0
+    assert {p.name for p in out.iterdir() if p.name.startswith(("step_", "epoch_", ".tmp-"))} == {"step_4", "step_8"}
+    if HAS_TENSORBOARD:
+        assert list((out / "glue_sst2").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+    # The output_dir loads both ways, with the weights that were evaluated.
+    recipe = load_recipe()
+    dev = recipe.read_glue_tsv(recipe.GLUE_TASKS["sst2"], GLUE / "SST-2" / "dev.tsv")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inherited = InherModel.from_pretrained(out).eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert inherited.report().ratio == pytest.approx(0.5, abs=0.01)
+    correct, threads = 0, torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched runs; 2 threads crawl when the 2 cores are shared
+    with torch.no_grad():
+        for start in range(0, 201, 32):
+            batch = tokenizer(dev["sentence"][start:min(start + 32, 201)], padding=True, truncation=True,
+                              max_length=128, return_tensors="pt")
+            logits = inherited(**batch).logits
+            torch.testing.assert_close(plain(**batch).logits, logits)
+            correct += (logits.argmax(-1) == torch.tensor(dev["label"][start:min(start + 32, 201)])).sum().item()
+    torch.set_num_threads(threads)
+    assert abs(correct / 201 - r["eval_accuracy"]) <= 1 / 201 + 1e-9  # thread-count rounding may flip a near-tie
+
+    card = (out / "README.md").read_text()
+    assert "glue/sst2" in card and "accuracy" in card
+    assert "me/minilm-sst2-inher" in hub.repos
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(hub.uploaded)
+    assert b"glue/sst2" in hub.uploaded["README.md"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (b) exact resumption after a kill
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@needs_glue
+def test_killed_during_checkpoint_save_then_resumed_equals_uninterrupted(teacher, student, tmp_path):
+    from inhernet_hf.training import TMP_PREFIX, find_latest_checkpoint
+
+    reference, _ = student
+    out = tmp_path / "killed"
+    args = [*STUDENT_ARGS, "--model_name_or_path", teacher]
+    # Killed while writing the step-8 checkpoint: step_4 stays the latest complete one.
+    killed = launch(args, out, env={"_INHERNET_TEST_KILL": "during_save:8"}, check=False)
+    assert killed.returncode != 0
+    assert (out / f"{TMP_PREFIX}step_8" / "model.safetensors").is_file() and not (out / "step_8").exists()
+    assert find_latest_checkpoint(out) == out / "step_4"
+    assert not (out / "all_results.json").exists()
+
+    # Resumed mid-epoch 0 (8 of 13 batches consumed): crosses the epoch boundary and redoes step 8.
+    launch([*args, "--resume_from_checkpoint", "latest"], out)
+    r, ref = results(out), results(reference)
+    assert r["resumed_from"].endswith("step_4")
+    assert r["train_steps"] == ref["train_steps"] == 10
+    assert r["eval_accuracy"] == ref["eval_accuracy"]
+    assert safetensors_equal(out / "model.safetensors", reference / "model.safetensors")
+    assert safetensors_equal(out / "step_8" / "model.safetensors", reference / "step_8" / "model.safetensors")
+    assert not (out / f"{TMP_PREFIX}step_8").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (c) two processes (gloo): same metric, no duplicated eval samples
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@needs_glue
+def test_two_processes_give_the_same_eval_metric(teacher, tmp_path):
+    # learning_rate 0: the DDP training path (2 steps, checkpoints) runs but leaves the teacher's weights unchanged,
+    # so both runs evaluate the same model on 201 examples (odd: the sharded loader pads with duplicates).
+    args = [*SST2, "--model_name_or_path", teacher, "--no_inher", "--learning_rate", "0", "--max_train_steps", "2",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--checkpointing_steps", "1"]
+    launch(args, tmp_path / "p1", num_processes=1)
+    launch(args, tmp_path / "p2", num_processes=2)
+    one, two = results(tmp_path / "p1"), results(tmp_path / "p2")
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert one["eval_samples"] == two["eval_samples"] == 201
+    assert one["eval_accuracy"] == two["eval_accuracy"] == results(teacher)["eval_accuracy"]
+    assert {p.name for p in (tmp_path / "p2" / "step_2").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl",
+                                                                      "inhernet_trainer_state.json"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (d) distillation losses against hand-computed values
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_hinton_kd_loss_hand_computed():
+    from inhernet_hf.training import distillation_loss, kd_kl_loss
+
+    student_logits, teacher_logits = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+    # T = 2: p_t = softmax([1.5, 1, .5]), p_s = softmax([.5, 1, 1.5]) = reversed p_t, so
+    # KL(p_t || p_s) = p_t0 * ln(e) + p_t1 * 0 + p_t2 * ln(1/e) = (e^1.5 - e^0.5) / (e^1.5 + e + e^0.5).
+    e = math.exp
+    kl = (e(1.5) - e(0.5)) / (e(1.5) + e(1.0) + e(0.5))
+    assert kd_kl_loss(student_logits, teacher_logits, temperature=2.0).item() == pytest.approx(4 * kl, rel=1e-6)
+    # CE of label 0 under the student: -log(e^1 / (e^1 + e^2 + e^3)) = log(1 + e + e^2).
+    ce = math.log(1 + e(1.0) + e(2.0))
+    hard = nn.functional.cross_entropy(student_logits, torch.tensor([0]))
+    total, soft = distillation_loss(student_logits, teacher_logits, hard, alpha=0.5, temperature=2.0)
+    assert soft.item() == pytest.approx(4 * kl, rel=1e-6)
+    assert total.item() == pytest.approx(0.5 * ce + 0.5 * 4 * kl, rel=1e-6)
+    assert total.item() == pytest.approx(1.844116, abs=1e-6)  # 0.5 * 2.407606 + 0.5 * 4 * 0.320157
+    # alpha = 0 is the plain task loss; identical logits give no KD term.
+    assert distillation_loss(student_logits, teacher_logits, hard, alpha=0.0)[0].item() == pytest.approx(ce)
+    assert kd_kl_loss(teacher_logits, teacher_logits, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_regression_kd_is_mse_on_logits():
+    from inhernet_hf.training import distillation_loss
+
+    student_logits, teacher_logits = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.5], [1.0]])
+    hard = torch.tensor(0.3)
+    total, soft = distillation_loss(student_logits, teacher_logits, hard, alpha=0.25, temperature=5.0, kind="mse")
+    assert soft.item() == pytest.approx((0.5**2 + 1.0**2) / 2)
+    assert total.item() == pytest.approx(0.75 * 0.3 + 0.25 * 0.625)
+
+
+def test_token_level_kd_uses_only_answer_tokens():
+    """The causal-LM use: logits at i predict token i+1, and only positions whose next label is not -100 count."""
+    from types import SimpleNamespace
+
+    from inhernet_hf.training import DistillationLoss, kd_kl_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 4, 1, -100], [-100, 3, 3, 2, 6]])
+    mask = labels[:, 1:] != -100  # positions 1, 2 of row 0; 0..3 of row 1
+    per_token = [kd_kl_loss(s[b, i:i + 1], t[b, i:i + 1], 2.0).item() for b in range(2) for i in range(4) if mask[b, i]]
+    expected = sum(per_token) / len(per_token)
+    assert kd_kl_loss(s[:, :-1], t[:, :-1], 2.0, mask=mask).item() == pytest.approx(expected, rel=1e-6)
+    # Masked-out positions do not matter at all.
+    t_noisy = t.clone()
+    t_noisy[0, 0] += 100.0
+    assert kd_kl_loss(s[:, :-1], t_noisy[:, :-1], 2.0, mask=mask).item() == pytest.approx(expected, rel=1e-6)
+
+    class Stub(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, labels=None):
+            return SimpleNamespace(logits=self.logits, loss=None if labels is None else torch.tensor(1.5))
+
+    loss_fn = DistillationLoss(Stub(t), alpha=0.4, temperature=2.0, token_level=True)
+    loss, logs = loss_fn(Stub(s), {"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": labels})
+    assert logs["kd_loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(0.6 * 1.5 + 0.4 * expected, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NaN/Inf stop and checkpoint resolution (in process, a toy model)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from argparse import Namespace
+
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from safetensors.torch import load_file
+
+    from inhernet_hf.training import (NonFiniteLossError, build_optimizer, find_latest_checkpoint, prepare_training,
+                                      train)
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
+    model = nn.Linear(4, 1)
+    data = torch.utils.data.DataLoader([{"x": torch.randn(4)} for _ in range(12)], batch_size=2, shuffle=True)
+    args = Namespace(gradient_accumulation_steps=1, max_train_steps=None, num_train_epochs=1,
+                     lr_scheduler_type="linear", num_warmup_steps=0, per_device_train_batch_size=2)
+    model, optimizer, data, _, scheduler, plan = prepare_training(
+        accelerator, model, build_optimizer(model, 0.1), data, {}, args)
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        loss = model(batch["x"]).pow(2).mean()
+        return (loss * float("nan") if len(calls) == 3 else loss), {}
+
+    (tmp_path / "step_1").mkdir()  # from an earlier run in the same output_dir: replaced as a whole
+    (tmp_path / "step_1" / "stale.txt").write_text("old")
+    (tmp_path / ".tmp-step_2").mkdir()  # an interrupted save of an earlier run: cleaned up
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at optimizer step 3 .*step_2"):
+        train(accelerator, model, optimizer, scheduler, data, loss_fn, plan, tmp_path, checkpointing_steps=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_2"]
+    assert not (tmp_path / "step_1" / "stale.txt").exists()
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "step_2"
+    saved = load_file(str(tmp_path / "step_2" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in accelerator.unwrap_model(model).state_dict().items())
+
+
+def test_calibration_batches_and_checkpointing_steps():
+    from argparse import ArgumentTypeError
+
+    from inhernet_hf.training import calibration_batches, parse_checkpointing_steps
+
+    loader = [{"input_ids": torch.arange(8).view(4, 2) + 10 * i, "labels": torch.zeros(4)} for i in range(3)]
+    batches = calibration_batches(loader, 6)  # what --inher_calibration_samples 6 passes as calibration_data
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 2] and all("labels" not in b for b in batches)
+    assert torch.equal(batches[1]["input_ids"], loader[1]["input_ids"][:2])
+    assert parse_checkpointing_steps("epoch") == "epoch" and parse_checkpointing_steps("25") == 25
+    assert parse_checkpointing_steps(None) is None
+    for bad in ("0", "-3", "often"):
+        with pytest.raises(ArgumentTypeError):
+            parse_checkpointing_steps(bad)
+
+
+def test_inher_flags_map_to_inher_config():
+    import dataclasses
+
+    from inhernet_hf import InherConfig
+    from inhernet_hf.training import inher_config_from_args
+
+    recipe = load_recipe()
+    base = ["--task_name", "sst2", "--model_name_or_path", "m", "--output_dir", "o"]
+    config = inher_config_from_args(recipe.parse_args(base), "SEQ_CLS")
+    assert (config.r, config.target_ratio, config.num_heads, config.init, config.task_type) == (None, 0.5, 2, "svd",
+                                                                                                "SEQ_CLS")
+    config = inher_config_from_args(recipe.parse_args([*base, "--inher_r", "16", "--inher_num_heads", "3",
+                                                       "--inher_target_modules", "query", "value"]), "SEQ_CLS")
+    assert (config.r, config.num_heads, config.target_modules) == (16, 3, ["query", "value"])
+    config = inher_config_from_args(recipe.parse_args([*base, "--inher_target_modules", r".*\.(query|key)"]), "SEQ_CLS")
+    assert config.target_modules == r".*\.(query|key)"
+    args = recipe.parse_args([*base, "--inher_target_ratio", "0.4", "--inher_rank_allocation", "energy"])
+    if "rank_allocation" in {f.name for f in dataclasses.fields(InherConfig)}:
+        assert inher_config_from_args(args, "SEQ_CLS").rank_allocation == "energy"
+    else:
+        with pytest.raises(ValueError, match="--inher_rank_allocation needs InherConfig.rank_allocation"):
+            inher_config_from_args(args, "SEQ_CLS")
+
+
+def test_resolve_checkpoint(tmp_path):
+    from inhernet_hf.training import CHECKPOINT_STATE_FILE, CheckpointError, resolve_checkpoint
+
+    assert resolve_checkpoint("latest", tmp_path) is None  # nothing yet: a fresh start
+    (tmp_path / ".tmp-step_9").mkdir()
+    (tmp_path / ".tmp-step_9" / CHECKPOINT_STATE_FILE).write_text('{"completed_steps": 9}')
+    (tmp_path / "step_3").mkdir()
+    (tmp_path / "step_3" / CHECKPOINT_STATE_FILE).write_text('{"completed_steps": 3}')
+    (tmp_path / "step_5").mkdir()  # incomplete (no state file)
+    assert resolve_checkpoint("latest", tmp_path) == tmp_path / "step_3"
+    with pytest.raises(CheckpointError, match="no such folder"):
+        resolve_checkpoint(str(tmp_path / "step_7"), tmp_path)
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(tmp_path / "step_5"), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (e) bad input: a clear error before any training
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _fail(argv, tmp_path, capsys) -> str:
+    """Run the recipe in process; it must exit with an error, having trained and written nothing."""
+    recipe = load_recipe()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        recipe.main([*map(str, argv), "--output_dir", str(out)])
+    assert info.value.code not in (0, None)
+    assert not (out / "all_results.json").exists() and not list(out.glob("step_*"))
+    message = info.value.code if isinstance(info.value.code, str) else capsys.readouterr().err
+    return message
+
+
+def _write_tsv(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_unknown_task_lists_the_tasks(tmp_path, capsys):
+    message = _fail(["--task_name", "sst3", "--model_name_or_path", minilm_path()], tmp_path, capsys)
+    assert "invalid choice: 'sst3'" in message
+    assert all(task in message for task in ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli"))
+
+
+@needs_glue
+def test_missing_data_file_names_the_path(tmp_path, capsys):
+    message = _fail(["--task_name", "qnli", "--data_dir", str(GLUE), "--model_name_or_path", minilm_path()],
+                    tmp_path, capsys)
+    assert str(GLUE / "QNLI" / "train.tsv") in message and "dev.tsv" not in message.split("missing")[1].split("]")[0]
+
+
+def test_tsv_with_wrong_columns(tmp_path, capsys):
+    data = tmp_path / "data"
+    for split in ("train", "dev"):  # SST-2 files put where MRPC belongs
+        _write_tsv(data / "MRPC" / f"{split}.tsv", ["sentence\tlabel", "a fine film\t1"])
+    message = _fail(["--task_name", "mrpc", "--data_dir", str(data), "--model_name_or_path", minilm_path()],
+                    tmp_path, capsys)
+    assert str(data / "MRPC" / "train.tsv") in message and "#1 String" in message and "missing" in message
+
+
+def test_headerless_cola_with_wrong_column_count(tmp_path, capsys):
+    data = tmp_path / "data"
+    for split in ("train", "dev"):
+        _write_tsv(data / "CoLA" / f"{split}.tsv", ["sentence\tlabel", "The sailors rode the breeze.\t1"])
+    message = _fail(["--task_name", "cola", "--data_dir", str(data), "--model_name_or_path", minilm_path()],
+                    tmp_path, capsys)
+    assert "4 tab-separated columns" in message and str(data / "CoLA" / "train.tsv") in message
+
+
+def test_unknown_text_label(tmp_path, capsys):
+    data = tmp_path / "data"
+    _write_tsv(data / "RTE" / "train.tsv", ["index\tsentence1\tsentence2\tlabel", "0\tA.\tB.\tentailment",
+                                            "1\tC.\tD.\tmaybe"])
+    _write_tsv(data / "RTE" / "dev.tsv", ["index\tsentence1\tsentence2\tlabel", "0\tA.\tB.\tnot_entailment"])
+    message = _fail(["--task_name", "rte", "--data_dir", str(data), "--model_name_or_path", minilm_path()],
+                    tmp_path, capsys)
+    assert f"{data / 'RTE' / 'train.tsv'}:3" in message and "'maybe'" in message
+
+
+@needs_glue
+def test_teacher_with_other_num_labels(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    three = tmp_path / "three_label_teacher"
+    AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=3).save_pretrained(three)
+    message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--teacher_name_or_path", three], tmp_path, capsys)
+    assert "num_labels=3" in message and "2 label(s)" in message
+
+
+@needs_glue
+def test_teacher_that_is_not_fine_tuned(tmp_path, capsys):
+    # Default teacher = --model_name_or_path, here the raw pretrained MiniLM: its classifier would be random.
+    message = _fail([*SST2, "--model_name_or_path", minilm_path()], tmp_path, capsys)
+    assert "not fine-tuned" in message and "classifier" in message and "--kd_alpha 0" in message
+
+
+@needs_glue
+def test_bad_inheritance_and_resume_options(tmp_path, capsys):
+    message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--inher_init", "bogus"], tmp_path, capsys)
+    assert "bad inheritance options" in message and "bogus" in message
+    message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--inher_r", "8", "--inher_target_ratio", "0.5"],
+                    tmp_path, capsys)
+    assert "only one of --inher_r and --inher_target_ratio" in message
+    message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--no_inher",
+                     "--resume_from_checkpoint", tmp_path / "nope"], tmp_path, capsys)
+    assert "no such folder" in message
