@@ -73,6 +73,10 @@ def allocate_ranks(records: list[LayerRecord], gains: dict[str, torch.Tensor], c
     step = config.rank_multiple
     start = _round_rank(config.min_rank, config)
     used, heap, states = 0, [], {}
+    pattern_params = sum(r.params for r in records if rank_request(r.name, config)[1])
+    if pattern_params > budget:
+        raise ValueError(f"target_ratio={config.target_ratio} cannot be met: the rank_pattern layers alone hold "
+                         f"{pattern_params:,} parameters, above the budget of {int(budget):,} for all targets.")
     for record in records:
         if rank_request(record.name, config)[1]:  # rank_pattern: already planned exactly
             used += record.params

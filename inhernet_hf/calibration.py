@@ -1,10 +1,12 @@
-"""Calibration statistics X^T X of the targets' inputs, gathered block by block (GPTQ-style pipeline).
+"""Calibration statistics X^T X of the targets' inputs, gathered block by block (GPTQ-style, true-sequential).
 
-The inputs of the first transformer block are captured once; then each block runs on them with hooks that
-accumulate its targets' input second moments, the caller factors (and replaces) that block's targets, and the
-block runs again to produce the next block's inputs, now through its compressed layers. Peak extra memory is
-one block's statistics plus the calibration hidden states. Models whose targets do not all sit in one list of
-blocks (encoder-decoders, multi-tower VLMs) fall back to one pass over the whole model.
+The inputs of the first transformer block are captured once. Within each block the targets are taken in
+execution order, in groups that read the same input (q/k/v, then o, then gate/up, then down): the block runs on
+the calibration inputs with hooks that accumulate the group's input second moments and stop the block right
+after, the caller factors (and replaces) the group, and the next group sees inputs that flowed through the
+replaced layers. Then the block runs once more to produce the next block's inputs. Peak extra memory is one
+group's statistics plus the calibration hidden states. Models whose targets do not all sit in one list of
+blocks (encoder-decoders, multi-tower VLMs) fall back to one pass over the whole model with dense inputs.
 """
 
 from __future__ import annotations
@@ -73,6 +75,18 @@ def _dataset_batches(dataset, tokenizer, max_length: int, batch_size: int) -> It
                          f"tokenizer; it has columns {dataset.column_names} and tokenizer={tokenizer!r}.")
 
 
+def sample_windows(token_ids: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0,
+                   batch_size: int = 8) -> list[dict]:
+    """`num_samples` random windows of `seq_len` tokens from a 1-D stream of token ids, as input_ids batches."""
+    if len(token_ids) <= seq_len:
+        raise ValueError(f"The calibration text has {len(token_ids)} tokens; at least {seq_len + 1} are needed for "
+                         f"windows of {seq_len} tokens.")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(token_ids) - seq_len, (num_samples,), generator=generator).tolist()
+    windows = torch.stack([token_ids[s:s + seq_len] for s in starts])
+    return [{"input_ids": windows[i:i + batch_size]} for i in range(0, num_samples, batch_size)]
+
+
 def find_blocks(model: nn.Module, targets: list[str]) -> Optional[list[tuple[str, nn.Module, list[str]]]]:
     """The innermost `nn.ModuleList` holding every target, as (block name, block, its targets); None if none does."""
     best = None
@@ -126,29 +140,33 @@ def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: lis
 
 class _GramHooks:
     """Forward pre-hooks accumulating X^T X (float64) of each named Linear's input; inputs shared by several
-    targets (q/k/v, gate/up) are multiplied once per batch. Padding rows are dropped when a mask is set."""
+    targets (q/k/v, gate/up) are multiplied once per batch. Padding rows are dropped when a mask is set.
+    With `stop_after`, the hook of that target ends the forward pass once its statistics are taken."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], stop_after: Optional[str] = None) -> None:
         self.grams: dict[str, torch.Tensor] = {}
         self.mask: Optional[torch.Tensor] = None
         self._products: dict = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(n, n == stop_after)) for n, m in modules.items()]
 
     def new_batch(self, mask: Optional[torch.Tensor]) -> None:
         self.mask, self._products = mask, {}
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, stop: bool):
         def hook(_module, args):
             x = args[0]
+            # keyed by address; the entry holds x so that address cannot be recycled by a later input this batch
             key = (x.data_ptr(), tuple(x.shape))
             if key not in self._products:
                 flat = x.detach().reshape(-1, x.shape[-1])
                 if self.mask is not None and flat.shape[0] == self.mask.numel():
                     flat = flat[self.mask.to(flat.device)]
                 flat = flat.float()
-                self._products[key] = (flat.T @ flat).double()  # float32 product per batch, float64 sum
-            product = self._products[key]
+                self._products[key] = (x, (flat.T @ flat).double())  # float32 product per batch, float64 sum
+            product = self._products[key][1]
             self.grams[name] = product.clone() if name not in self.grams else self.grams[name] + product
+            if stop:
+                raise _StopForward
         return hook
 
     def remove(self) -> None:
@@ -156,10 +174,43 @@ class _GramHooks:
             handle.remove()
 
 
+def _execution_groups(model: nn.Module, block: nn.Module, names: list[str], args: tuple, kwargs: dict) -> list[list[str]]:
+    """`names` in the order the block calls them, grouped by shared input tensor (q/k/v, gate/up)."""
+    calls = []  # (name, input): holding the inputs keeps their addresses from being recycled during the pass
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: calls.append((n, a[0])))
+               for n in names]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(names) - {n for n, _ in calls})
+    if missing:
+        raise RuntimeError(f"Targets {missing} never ran on the calibration data, so they cannot be calibrated.")
+    groups, seen = [], set()
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        pointer = (x.data_ptr(), tuple(x.shape))
+        if groups and groups[-1][1] == pointer:
+            groups[-1][0].append(name)
+        else:
+            groups.append(([name], pointer))
+    return [group for group, _ in groups]
+
+
+def _run_until_stopped(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        block(*args, **kwargs)
+    except _StopForward:
+        pass
+
+
 def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc: str = "Calibrating",
                 progressbar: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {target: X^T X} one block at a time. After each yield the block is run again, so replacements the
-    caller made inside it shape the inputs of the next block."""
+    """Yield {target: X^T X} one group of targets at a time, in execution order. After each yield the caller may
+    replace the group's layers; later groups and blocks then see inputs computed through the replacements."""
     blocks = find_blocks(model, targets)
     with torch.no_grad():
         if blocks is None:  # one pass over the whole model, every target's statistics at once
@@ -175,12 +226,13 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
         inputs = _capture_first_block_inputs(model, blocks[0][1], batches)
         masks = [_flat_mask(batch) for batch in batches]
         for _name, block, inside in tqdm(blocks, desc=desc, disable=not progressbar):
-            if inside:
-                hooks = _GramHooks({t: model.get_submodule(t) for t in inside})
+            groups = _execution_groups(model, block, inside, *inputs[0]) if inside else []
+            for group in groups:
+                hooks = _GramHooks({t: model.get_submodule(t) for t in group}, stop_after=group[-1])
                 try:
                     for (args, kwargs), mask in zip(inputs, masks):
                         hooks.new_batch(mask)
-                        block(*args, **kwargs)
+                        _run_until_stopped(block, args, kwargs)
                 finally:
                     hooks.remove()
                 yield hooks.grams

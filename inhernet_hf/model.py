@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from .budget import allocate_ranks, plan_layer
+from .budget import allocate_ranks, plan_layer, rank_request
 from .calibration import block_grams, output_sensitivity, prepare_calibration
 from .card import model_card
 from .config import InherConfig
@@ -90,6 +91,11 @@ def get_inher_model(
     modules = {name: model.get_submodule(name) for name in targets}
     for name, module in modules.items():
         _check_weight(name, module)
+    unused = [key for key in config.rank_pattern if not any(rank_request(t, config)[1] and
+                                                            re.fullmatch(rf"(.*\.)?(?:{key})", t) for t in targets)]
+    if unused:
+        raise ValueError(f"rank_pattern keys {unused} match no targeted module (a key must match the end of a full "
+                         f"name, e.g. 'mlp\\.down_proj' or r'layers\\.0\\..*'); targets look like {targets[0]!r}.")
     records = [plan_layer(name, module, config) for name, module in modules.items()]
     if config.rank_allocation != "uniform":
         allocate_ranks(records, _rank_gains(model, modules, batches, config, progressbar), config)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inhernet_hf import InherConfig, get_inher_model
+from inhernet_hf.calibration import sample_windows
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -58,9 +59,7 @@ def token_splits(tokenizer, data_dir, calib_samples, calib_len, eval_len, max_wi
         pool, eval_ids = ids[:cut], ids[cut:]
     else:
         pool, eval_ids = tokenizer(calib_text, return_tensors="pt").input_ids[0], ids
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(pool) - calib_len, (calib_samples,), generator=generator)
-    calibration = torch.stack([pool[s:s + calib_len] for s in starts.tolist()])
+    calibration = sample_windows(pool, calib_samples, calib_len, seed)
     n_windows = len(eval_ids) // eval_len
     picks = torch.linspace(0, n_windows - 1, min(max_windows, n_windows)).round().long().unique()
     windows = torch.stack([eval_ids[i * eval_len:(i + 1) * eval_len] for i in picks.tolist()])
@@ -106,10 +105,9 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     dense = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
-    calibration, windows, note = token_splits(tokenizer, args.data_dir, args.calibration_samples,
+    batches, windows, note = token_splits(tokenizer, args.data_dir, args.calibration_samples,
                                               args.calibration_seq_len, args.eval_seq_len, args.max_eval_windows,
                                               args.seed)
-    batches = [{"input_ids": calibration[i:i + args.batch_size]} for i in range(0, len(calibration), args.batch_size)]
     print(f"data: {note}")
     rows = [{"ratio": 1.0, "init": "dense", "allocation": "-", "ppl": perplexity(dense, windows, args.batch_size),
              "realised_ratio": 1.0, "compress_s": 0.0}]

@@ -1,0 +1,169 @@
+"""The `inhernet` command: `inhernet compress MODEL ...` and `inhernet report DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from .calibration import sample_windows
+from .config import INIT_CHOICES, RANK_ALLOCATION_CHOICES, InherConfig
+from .integration import QUANT_METHOD, InherQuantizationConfig
+from .model import build_skeleton, get_inher_model, report_from_description
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def _model_class(config) -> type:
+    architectures = getattr(config, "architectures", None) or []
+    return getattr(transformers, architectures[0], AutoModel) if architectures else AutoModel
+
+
+def load_calibration_text(source: str, split: str, text_column: str, dataset_config: Optional[str]) -> str:
+    """The text of a .txt/.raw file, or the `text_column` of a JSON/JSONL file, a dataset folder or a Hub dataset."""
+    path = Path(source)
+    if path.is_file() and path.suffix in (".txt", ".raw"):
+        return path.read_text(encoding="utf-8")
+    from datasets import load_dataset
+
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        dataset = load_dataset("json", data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(source, dataset_config, split=split)
+    if text_column not in dataset.column_names:
+        raise ValueError(f"--calibration-text-column {text_column!r} is not a column of {source}; columns: "
+                         f"{dataset.column_names}.")
+    return "\n\n".join(dataset[text_column])
+
+
+def compress(args: argparse.Namespace) -> None:
+    if (args.r is None) == (args.target_ratio is None):
+        raise SystemExit("inhernet compress: give exactly one of --r and --target-ratio.")
+    config = InherConfig(r=args.r, target_ratio=args.target_ratio, num_heads=args.num_heads, init=args.init,
+                         rank_allocation=args.rank_allocation, min_rank=args.min_rank, rank_multiple=args.rank_multiple,
+                         target_modules=args.target_modules, calibration_damping=args.calibration_damping,
+                         svd_niter=args.svd_niter)
+    if config.needs_calibration and not args.calibration_data:
+        raise SystemExit(f"inhernet compress: --init {args.init} / --rank-allocation {args.rank_allocation} need "
+                         f"--calibration-data (a .txt/.raw/.jsonl file, a dataset folder or a Hub dataset id).")
+    if args.calibration_data and not config.needs_calibration:
+        raise SystemExit("inhernet compress: --calibration-data is only used with --init whitened or "
+                         "--rank-allocation activation.")
+    load = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    model_config = AutoConfig.from_pretrained(args.model, **load)
+    model = _model_class(model_config).from_pretrained(args.model, dtype=DTYPES[args.dtype], **load)
+    model.to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **load)
+    calibration = None
+    if config.needs_calibration:
+        text = load_calibration_text(args.calibration_data, args.calibration_split, args.calibration_text_column,
+                                     args.calibration_config)
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        calibration = [{k: v.to(args.device) for k, v in batch.items()}
+                       for batch in sample_windows(ids, args.calibration_samples, args.calibration_seq_len, args.seed)]
+    start = time.perf_counter()
+    inherited = get_inher_model(model, config, calibration_data=calibration)
+    seconds = time.perf_counter() - start
+    inherited.save_pretrained(args.output, tokenizer=tokenizer)
+    print(inherited.report())
+    print(f"compressed in {seconds:.1f} s on {args.device}; saved to {args.output}")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Rebuild the inherited skeleton on the meta device from config.json alone (no weights read)."""
+    config = AutoConfig.from_pretrained(args.model)
+    description = getattr(config, "quantization_config", None)
+    if not isinstance(description, dict) or description.get("quant_method") != QUANT_METHOD:
+        raise SystemExit(f"inhernet report: {args.model} is not an inhernet_hf checkpoint (no quantization_config "
+                         f"with quant_method={QUANT_METHOD!r} in its config.json).")
+    description = InherQuantizationConfig(**description)
+    del config.quantization_config
+    with torch.device("meta"):
+        model = _model_class(config)._from_config(config)
+    build_skeleton(model, description)
+    table = report_from_description(model, description)
+    print(table)
+    plot = Path(args.plot or f"{Path(args.model).name}_report.png")
+    _plot(table, plot, args.model)
+    print(f"plot: {plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table.to_dict(), indent=2))
+
+
+def _plot(table, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table.rows
+    x = range(len(rows))
+    fig, (ax_rank, ax_energy) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.06), 7), sharex=True)
+    ranks = [r.rank or 0 for r in rows]
+    ratios = [r.params / r.dense_params for r in rows]
+    ax_rank.bar(x, ranks, color=["tab:blue" if r.inherited else "tab:gray" for r in rows])
+    ax_rank.set_ylabel("rank (gray: kept dense)")
+    ax_rank.set_title(f"{title}: {table.params:,} / {table.dense_params:,} targeted params (ratio {table.ratio:.3f})")
+    ax_energy.plot(x, [r.energy_kept if r.energy_kept is not None else float("nan") for r in rows], ".-",
+                   label="energy kept (weight or whitened spectrum)")
+    ax_energy.plot(x, ratios, ".", alpha=0.6, label="params kept")
+    ax_energy.set_ylim(0, 1.05)
+    ax_energy.set_xlabel("targeted layer (model order)")
+    ax_energy.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inhernet", description="Compress Hugging Face models by inheritance.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("compress", help="Inherit a model and save it (loadable with plain transformers).")
+    c.add_argument("model", help="Hub id or folder of the dense model.")
+    c.add_argument("--output", required=True, help="Folder for the inherited model.")
+    c.add_argument("--target-ratio", type=float, default=None)
+    c.add_argument("--r", type=int, default=None)
+    c.add_argument("--num-heads", type=int, default=2)
+    c.add_argument("--init", choices=INIT_CHOICES, default="svd")
+    c.add_argument("--rank-allocation", choices=RANK_ALLOCATION_CHOICES, default="uniform")
+    c.add_argument("--min-rank", type=int, default=1)
+    c.add_argument("--rank-multiple", type=int, default=1)
+    c.add_argument("--target-modules", nargs="+", default=None, help="Names (PEFT list semantics) or 'all-linear'.")
+    c.add_argument("--svd-niter", type=int, default=4)
+    c.add_argument("--calibration-data", default=None,
+                   help="A .txt/.raw/.json/.jsonl file, a dataset folder or a Hub dataset id.")
+    c.add_argument("--calibration-split", default="train")
+    c.add_argument("--calibration-config", default=None, help="Dataset configuration name (e.g. wikitext-2-raw-v1).")
+    c.add_argument("--calibration-text-column", default="text")
+    c.add_argument("--calibration-samples", type=int, default=64)
+    c.add_argument("--calibration-seq-len", type=int, default=256)
+    c.add_argument("--calibration-damping", type=float, default=0.0)
+    c.add_argument("--gguf-file", default=None, help="GGUF file inside MODEL (loaded dequantised, as transformers does).")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=compress)
+    r = commands.add_parser("report", help="Per-layer table and a PNG plot of an inherited checkpoint.")
+    r.add_argument("model", help="Folder or Hub id of an inherited model.")
+    r.add_argument("--plot", default=None, help="PNG path (default: ./<name>_report.png).")
+    r.add_argument("--json", default=None, help="Also write the table as JSON here.")
+    r.set_defaults(func=report)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "compress" and args.target_modules == ["all-linear"]:
+        args.target_modules = "all-linear"
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

