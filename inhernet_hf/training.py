@@ -4,8 +4,7 @@ One copy of everything a recipe needs around its data and metrics:
 
 * command-line flags: `add_training_args` (the `run_*_no_trainer.py` flags), `add_kd_args`, `add_inher_args`;
 * setup: `build_accelerator`, `build_optimizer`, `prepare_training` (prepares, sizes the run, builds the scheduler),
-  `inher_config_from_args` and `inherit_model` (passes `calibration_data` only when the config needs it:
-  init='whitened' or rank_allocation='activation');
+  `inher_config_from_args` and `inherit_model` (passes `calibration_data` only when the config needs it);
 * knowledge distillation: `kd_kl_loss`, `kd_mse_loss`, `distillation_loss` and `DistillationLoss` (the per-batch
   loss of a student with an optional frozen teacher: Hinton KD for classification, MSE for regression, token-level
   KL on the answer tokens of a causal LM);
@@ -39,6 +38,8 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
+
+from .config import InherConfig
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +182,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_grad_norm must be > 0, got {args.max_grad_norm}.")
 
 
-def inher_config_from_args(args: argparse.Namespace, task_type: str):
-    """The `InherConfig` of the `--inher_*` flags. Options of newer InherConfig fields (rank_allocation, min_rank,
-    rank_multiple) are passed only when given, so this works with InherConfig versions that lack them."""
-    import dataclasses
-
-    from .config import InherConfig
-
+def inher_config_from_args(args: argparse.Namespace, task_type: str) -> InherConfig:
+    """The `InherConfig` of the `--inher_*` flags (InherConfig validates the values)."""
     kwargs: dict[str, Any] = {"num_heads": args.inher_num_heads, "init": args.inher_init, "task_type": task_type}
     if args.inher_r is not None:
         kwargs["r"] = args.inher_r
@@ -198,15 +194,10 @@ def inher_config_from_args(args: argparse.Namespace, task_type: str):
         # One value that is 'all-linear' or looks like a regex is passed as a string, anything else as a name list.
         is_pattern = len(modules) == 1 and (modules[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", modules[0]))
         kwargs["target_modules"] = modules[0] if is_pattern else modules
-    known = {f.name for f in dataclasses.fields(InherConfig)}
     for flag, name in (("inher_rank_allocation", "rank_allocation"), ("inher_min_rank", "min_rank"),
                        ("inher_rank_multiple", "rank_multiple")):
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        if name not in known:
-            raise ValueError(f"--{flag} needs InherConfig.{name}, which this inhernet_hf version does not have.")
-        kwargs[name] = value
+        if getattr(args, flag, None) is not None:
+            kwargs[name] = getattr(args, flag)
     return InherConfig(**kwargs)
 
 
@@ -224,27 +215,17 @@ def calibration_batches(dataloader: Iterable[Mapping[str, Any]], num_samples: in
     return batches
 
 
-def needs_calibration(inher_config) -> bool:
-    """Whether `get_inher_model` needs `calibration_data` for this config: init='whitened' (and, in InherConfig
-    versions that have it, rank_allocation='activation'; `InherConfig.needs_calibration` decides when present)."""
-    needs = getattr(inher_config, "needs_calibration", None)
-    if needs is None:
-        needs = inher_config.init == "whitened" or getattr(inher_config, "rank_allocation", None) == "activation"
-    return bool(needs)
-
-
-def inherit_model(model: nn.Module, inher_config, calibration_loader: Optional[Iterable] = None,
+def inherit_model(model: nn.Module, inher_config: InherConfig, calibration_loader: Optional[Iterable] = None,
                   calibration_samples: int = 128, progressbar: bool = True):
     """`get_inher_model(model, inher_config)`, with `calibration_data` (the first `calibration_samples` examples of
-    `calibration_loader`, labels dropped) only when the config needs it (`needs_calibration`)."""
+    `calibration_loader`, labels dropped) only when the config needs it (`InherConfig.needs_calibration`)."""
     from .model import get_inher_model
 
-    if not needs_calibration(inher_config):
+    if not inher_config.needs_calibration:
         return get_inher_model(model, inher_config, progressbar=progressbar)
     if calibration_loader is None:
-        raise ValueError(f"init={inher_config.init!r} / rank_allocation="
-                         f"{getattr(inher_config, 'rank_allocation', None)!r} needs calibration data, but no "
-                         f"calibration loader was given.")
+        raise ValueError(f"init={inher_config.init!r} / rank_allocation={inher_config.rank_allocation!r} needs "
+                         f"calibration data, but no calibration loader was given.")
     data = calibration_batches(calibration_loader, calibration_samples)
     return get_inher_model(model, inher_config, calibration_data=data, progressbar=progressbar)
 

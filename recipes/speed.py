@@ -1,0 +1,167 @@
+"""Inference speed of inherited models vs dense, side by side: prefill and greedy decode, eager or compiled.
+
+    python recipes/speed.py                                   # SmolLM2-135M, CPU: the default grid
+    python recipes/speed.py --model minilm --ratios 0.5 --heads 2
+    python recipes/speed.py --device cuda --dtype bfloat16 --compile both
+
+For every variant (target_ratio x num_heads) the dense model and the variants run interleaved in each repetition,
+and each figure is the median over repetitions of the variant's time divided by dense's in the same repetition.
+Prefill: a forward pass over `--prefill_batch_sizes` x `--seq_len` tokens. Decode (causal LMs): greedy tokens/s at
+batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N. "FLOP bound" is dense FLOPs / inherited FLOPs of
+one prefill forward (torch.utils.flop_counter), the speedup a perfect implementation would reach; "of bound" is the
+measured prefill speedup divided by it. Peak memory: CUDA max allocated, or on CPU the growth of the resident set
+(VmHWM, reset through /proc/self/clear_refs) during one prefill forward, weights included.
+"""
+
+import argparse
+import copy
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel, AutoModelForCausalLM
+
+from inhernet_hf import InherConfig, get_inher_model
+from inhernet_hf.offline_models import minilm_path, smollm2_path
+
+
+
+def load_dense(name: str, dtype: torch.dtype, device: str):
+    if name == "smollm2":
+        folder, gguf_file = smollm2_path()
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    elif name == "minilm":
+        model = AutoModel.from_pretrained(minilm_path(), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model.to(device).eval()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _vm(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def peak_memory(model, batch: torch.Tensor, device: str) -> int:
+    """Bytes of peak memory while running one forward (weights included)."""
+    with torch.no_grad():
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            model(input_ids=batch)
+            return torch.cuda.max_memory_allocated()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        before = _vm("VmRSS")
+        model(input_ids=batch)
+        return weights + _vm("VmHWM") - before
+
+
+def prefill_flops(model, batch: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=batch)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="'smollm2', 'minilm' (offline) or a causal LM Hub id/folder.")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.5, 0.4])
+    parser.add_argument("--heads", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--prefill_batch_sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--decode_tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="Default: bfloat16 on CUDA, float32 on CPU.")
+    parser.add_argument("--compile", choices=["no", "yes", "both"], default="no",
+                        help="torch.compile the models (both: eager and compiled rows).")
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    torch.manual_seed(0)
+
+    dense = load_dense(args.model, dtype, args.device)
+    causal = hasattr(dense, "generate") and dense.can_generate()
+    vocab = dense.config.vocab_size
+    variants = {"dense": (dense, None)}
+    for ratio in args.ratios:
+        for heads in args.heads:
+            inherited = get_inher_model(copy.deepcopy(dense), InherConfig(target_ratio=ratio, num_heads=heads),
+                                        progressbar=False)
+            variants[f"r{ratio}-M{heads}"] = (inherited.base_model.eval(), inherited.report())
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    batches = {b: torch.randint(0, vocab, (b, args.seq_len), device=args.device) for b in args.prefill_batch_sizes}
+    prompt = torch.randint(0, vocab, (1, 64), device=args.device)
+
+    rows = []
+    for compiled in modes:
+        runners = {name: (torch.compile(model) if compiled else model) for name, (model, _) in variants.items()}
+        with torch.no_grad():
+            for runner in runners.values():  # warm-up (and compilation)
+                for batch in batches.values():
+                    runner(input_ids=batch)
+            times = {name: {key: [] for key in [f"prefill_b{b}" for b in batches] + ["decode"]} for name in runners}
+            for _ in range(args.repeats):
+                for name, runner in runners.items():  # interleaved: every variant once per repetition
+                    for b, batch in batches.items():
+                        times[name][f"prefill_b{b}"].append(timed(lambda: runner(input_ids=batch), args.device))
+                    if causal:
+                        model = variants[name][0]
+                        gen = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                       pad_token_id=0)
+                        t1 = timed(lambda: gen(1), args.device)
+                        tn = timed(lambda: gen(args.decode_tokens + 1), args.device)
+                        times[name]["decode"].append((tn - t1) / args.decode_tokens)
+        flop_batch = batches[min(batches)]
+        dense_flops = prefill_flops(variants["dense"][0], flop_batch)
+        for name, (model, report) in variants.items():
+            row = {"variant": name, "compiled": compiled,
+                   "targeted_ratio": 1.0 if report is None else report.ratio,
+                   "params": sum(p.numel() for p in model.parameters()),
+                   "flop_bound": dense_flops / prefill_flops(model, flop_batch),
+                   "peak_memory_MiB": peak_memory(model, batches[max(batches)], args.device) / 2**20}
+            for key, values in times[name].items():
+                if values:
+                    row[f"{key}_speedup"] = statistics.median(
+                        d / v for d, v in zip(times["dense"][key], values))
+                    row[f"{key}_s"] = statistics.median(values)
+            rows.append(row)
+
+    keys = [f"prefill_b{b}" for b in batches] + (["decode"] if causal else [])
+    print(f"\n{args.model} on {args.device} ({dtype}), seq_len {args.seq_len}, median of {args.repeats} interleaved runs; "
+          f"speedup = dense time / variant time in the same repetition")
+    print("| variant | compiled | targeted ratio | params | FLOP bound | " +
+          " | ".join(f"{k} speedup" for k in keys) + " | prefill of bound | peak mem (MiB) |")
+    print("|" + "---|" * (7 + len(keys)))
+    for r in rows:
+        biggest = f"prefill_b{max(batches)}_speedup"
+        print(f"| {r['variant']} | {'yes' if r['compiled'] else 'no'} | {r['targeted_ratio']:.3f} | {r['params']:,} | "
+              f"{r['flop_bound']:.2f}x | " + " | ".join(f"{r[k + '_speedup']:.2f}x" for k in keys) +
+              f" | {r[biggest] / r['flop_bound']:.2f} | {r['peak_memory_MiB']:.0f} |")
+    decode_ms = {r["variant"]: 1000 * r["decode_s"] for r in rows if "decode_s" in r}
+    if decode_ms:
+        print("decode ms/token:", {k: round(v, 2) for k, v in decode_ms.items()})
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

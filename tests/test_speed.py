@@ -1,0 +1,36 @@
+"""Speed paths: torch.compile gives the same outputs as eager, and the speed recipe runs end to end (CI-sized)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from inhernet_hf import InherLinear
+
+pytestmark = pytest.mark.slow
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("heads,structure", [(1, "asymmetric"), (3, "asymmetric"), (2, "symmetric")])
+def test_compiled_layer_matches_eager(heads, structure):
+    torch.manual_seed(0)
+    layer = InherLinear(64, 48, 8, heads, structure=structure).eval()
+    x = torch.randn(2, 7, 64)
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_speed_recipe_prints_ratios_to_dense(tmp_path):
+    out = subprocess.run([sys.executable, str(RECIPES / "speed.py"), "--model", "minilm", "--ratios", "0.5",
+                          "--heads", "2", "--repeats", "1", "--seq_len", "32", "--prefill_batch_sizes", "1", "2",
+                          "--output_json", str(tmp_path / "speed.json")], capture_output=True, text=True, check=True)
+    assert "| r0.5-M2 | no | 0.50" in out.stdout and "FLOP bound" in out.stdout
+    import json
+
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    dense, inherited = rows
+    assert dense["flop_bound"] == 1.0 and inherited["flop_bound"] > 1.3  # half the targeted FLOPs
+    assert inherited["params"] < dense["params"]
