@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM
 
 from inhernet_hf import InherConfig, get_inher_model
@@ -114,11 +115,11 @@ def main() -> None:
     for compiled in modes:
         runners = {name: (torch.compile(model) if compiled else model) for name, (model, _) in variants.items()}
         with torch.no_grad():
-            for runner in runners.values():  # warm-up (and compilation)
+            for runner in tqdm(runners.values(), desc="Warm-up" + (" and compile" if compiled else "")):
                 for batch in batches.values():
                     runner(input_ids=batch)
             times = {name: {key: [] for key in [f"prefill_b{b}" for b in batches] + ["decode"]} for name in runners}
-            for _ in range(args.repeats):
+            for _ in tqdm(range(args.repeats), desc="Repetitions"):
                 for name, runner in runners.items():  # interleaved: every variant once per repetition
                     for b, batch in batches.items():
                         times[name][f"prefill_b{b}"].append(timed(lambda: runner(input_ids=batch), args.device))
