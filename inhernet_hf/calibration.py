@@ -277,7 +277,13 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
         for batch in tqdm(batches, desc="Output sensitivity", disable=not progressbar):
             for row in range(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]):
                 single = {k: v[row:row + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                logits = model(**_model_kwargs(model, single)).logits.float()
+                outputs = model(**_model_kwargs(model, single))
+                if getattr(outputs, "logits", None) is None:
+                    raise ValueError(f"rank_allocation='activation' needs a model whose outputs have logits (a "
+                                     f"...ForCausalLM / ...ForSequenceClassification class); {type(model).__name__} "
+                                     f"returns {type(outputs).__name__}. Load the model with its head, or use "
+                                     f"rank_allocation='energy' / 'uniform'.")
+                logits = outputs.logits.float()
                 probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
                 labels = torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device).view(-1)
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")

@@ -73,7 +73,8 @@ def recording_hub():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    hub.env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": "hf_test"}
+    # online (CI exports HF_HUB_OFFLINE=1), but only towards this local endpoint
+    hub.env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"}
     try:
         yield hub
     finally:

@@ -140,6 +140,17 @@ def test_bad_requests_fail_clearly_and_leave_model_untouched(config, data, error
     assert_untouched(model, reference)
 
 
+def test_activation_allocation_without_logits_is_a_clear_error():
+    model = tiny_llama().model  # LlamaModel: hidden states, no logits
+    reference = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="needs a model whose outputs have logits.*LlamaModel returns BaseModelOutput"):
+        get_inher_model(model, InherConfig(target_ratio=0.5, rank_allocation="activation",
+                                           target_modules=["q_proj", "v_proj"]),
+                        calibration_data=calibration(), progressbar=False)
+    assert_untouched(model, reference)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_rank_allocation_needs_a_ratio():
     with pytest.raises(ValueError, match="rank_allocation='energy' distributes a parameter budget"):
         InherConfig(r=8, rank_allocation="energy")
@@ -151,7 +162,7 @@ def test_cli_compress_then_report_on_real_minilm(tmp_path):
         pytest.skip(f"WikiText-2 not found under {DATA_DIR}")
     cli = [sys.executable, "-m", "inhernet_hf.cli"]
     out = subprocess.run(cli + ["compress", minilm_path(), "--target-ratio", "0.5",
-                                "--num-heads", "2", "--init", "whitened", "--rank-allocation", "activation",
+                                "--num-heads", "2", "--init", "whitened", "--rank-allocation", "energy",
                                 "--calibration-data", str(DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"),
                                 "--calibration-samples", "16", "--calibration-seq-len", "64",
                                 "--output", str(tmp_path / "minilm")], capture_output=True, text=True, check=True)
