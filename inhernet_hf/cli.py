@@ -106,10 +106,10 @@ def _plot(table, path: Path, title: str) -> None:
     rows = table.rows
     x = range(len(rows))
     fig, (ax_rank, ax_energy) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.06), 7), sharex=True)
-    ranks = [r.rank or 0 for r in rows]
+    ranks = [r.rank if r.inherited else min(r.in_features, r.out_features) for r in rows]
     ratios = [r.params / r.dense_params for r in rows]
     ax_rank.bar(x, ranks, color=["tab:blue" if r.inherited else "tab:gray" for r in rows])
-    ax_rank.set_ylabel("rank (gray: kept dense)")
+    ax_rank.set_ylabel("rank (gray: kept dense, full rank)")
     ax_rank.set_title(f"{title}: {table.params:,} / {table.dense_params:,} targeted params (ratio {table.ratio:.3f})")
     ax_energy.plot(x, [r.energy_kept if r.energy_kept is not None else float("nan") for r in rows], ".-",
                    label="energy kept (weight or whitened spectrum)")
