@@ -17,10 +17,15 @@ from .report import LayerRecord
 from .targets import dense_weight
 
 
+def pattern_matches(key: str, name: str) -> bool:
+    """PEFT's rank_pattern rule: the key, a regex, matches the end of the full module name at a dot boundary."""
+    return re.fullmatch(rf"(.*\.)?(?:{key})", name) is not None
+
+
 def rank_request(name: str, config: InherConfig) -> tuple[int | float, bool]:
     """(rank or ratio, whether it comes from `rank_pattern`): the first matching key, else the global value."""
     for key, value in config.rank_pattern.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+        if pattern_matches(key, name):
             return value, True
     return (config.r if config.r is not None else config.target_ratio), False
 

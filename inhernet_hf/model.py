@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from .budget import allocate_ranks, plan_layer, rank_request
+from .budget import allocate_ranks, pattern_matches, plan_layer
 from .calibration import block_grams, output_sensitivity, prepare_calibration
 from .card import model_card
 from .config import InherConfig
@@ -91,8 +90,7 @@ def get_inher_model(
     modules = {name: model.get_submodule(name) for name in targets}
     for name, module in modules.items():
         _check_weight(name, module)
-    unused = [key for key in config.rank_pattern if not any(rank_request(t, config)[1] and
-                                                            re.fullmatch(rf"(.*\.)?(?:{key})", t) for t in targets)]
+    unused = [key for key in config.rank_pattern if not any(pattern_matches(key, t) for t in targets)]
     if unused:
         raise ValueError(f"rank_pattern keys {unused} match no targeted module (a key must match the end of a full "
                          f"name, e.g. 'mlp\\.down_proj' or r'layers\\.0\\..*'); targets look like {targets[0]!r}.")
