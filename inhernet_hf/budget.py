@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import InherConfig
 from .layer import inher_num_params
-from .report import LayerRecord
+from .report import LayerRecord, dense_param_count
 from .targets import dense_weight
 
 
@@ -45,7 +45,7 @@ def plan_layer(name: str, module: nn.Module, config: InherConfig) -> LayerRecord
     """Rank and parameter count of one target under uniform allocation; a ratio's rank depends on the shape only."""
     out_f, in_f = dense_weight(module).shape
     has_bias = module.bias is not None
-    dense = out_f * in_f + (out_f if has_bias else 0)
+    dense = dense_param_count(in_f, out_f, has_bias)
     record = LayerRecord(name, in_f, out_f, has_bias, None, config.num_heads, dense, dense)
     count = param_counter(record, config)
     request, _ = rank_request(name, config)

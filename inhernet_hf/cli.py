@@ -10,20 +10,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import transformers
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from .calibration import sample_windows
 from .config import INIT_CHOICES, RANK_ALLOCATION_CHOICES, InherConfig
 from .integration import QUANT_METHOD, InherQuantizationConfig
-from .model import build_skeleton, get_inher_model, report_from_description
+from .model import build_skeleton, get_inher_model, model_class_for, report_from_description
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-def _model_class(config) -> type:
-    architectures = getattr(config, "architectures", None) or []
-    return getattr(transformers, architectures[0], AutoModel) if architectures else AutoModel
 
 
 def load_calibration_text(source: str, split: str, text_column: str, dataset_config: Optional[str]) -> str:
@@ -58,7 +52,7 @@ def compress(args: argparse.Namespace) -> None:
                          "--rank-allocation activation.")
     load = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     model_config = AutoConfig.from_pretrained(args.model, **load)
-    model = _model_class(model_config).from_pretrained(args.model, dtype=DTYPES[args.dtype], **load)
+    model = model_class_for(model_config).from_pretrained(args.model, dtype=DTYPES[args.dtype], **load)
     model.to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model, **load)
     calibration = None
@@ -86,7 +80,7 @@ def report(args: argparse.Namespace) -> None:
     description = InherQuantizationConfig(**description)
     del config.quantization_config
     with torch.device("meta"):
-        model = _model_class(config)._from_config(config)
+        model = model_class_for(config)._from_config(config)
     build_skeleton(model, description)
     table = report_from_description(model, description)
     print(table)

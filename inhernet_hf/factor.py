@@ -68,7 +68,8 @@ def whitened_svd(
     calibration output energy ||W X^T||_F^2 kept (same contract as `truncated_svd`)."""
     root, unwhiten = whitening(gram.to(weight.device), damping)
     u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64) @ root, full_matrices=False)
-    energy = float(s[:rank].square().sum() / s.square().sum()) if s.square().sum() > 0 else 1.0
+    total = s.square().sum()
+    energy = float(s[:rank].square().sum() / total) if total > 0 else 1.0
     return u[:, :rank], s[:rank], unwhiten(vh[:rank]), energy
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from .factor import truncated_svd, whitened_svd
 
+
 def inher_num_params(
     in_features: int,
     out_features: int,

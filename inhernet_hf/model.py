@@ -21,7 +21,7 @@ from .config import InherConfig
 from .factor import spectrum
 from .integration import ALLOW_PICKLE, QUANT_METHOD, InherHfQuantizer, InherQuantizationConfig
 from .layer import InherLinear
-from .report import InherReport, LayerRecord
+from .report import InherReport, LayerRecord, dense_param_count
 from .targets import dense_weight, find_targets, is_replaceable, matches
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -157,6 +157,18 @@ def _rank_gains(model: nn.Module, modules: dict[str, nn.Module], batches, config
     return gains
 
 
+def model_class_for(config) -> type:
+    """The transformers class named by `config.architectures[0]` (AutoModel when none is named)."""
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        return AutoModel
+    model_class = getattr(transformers, architectures[0], None)
+    if model_class is None:
+        raise ValueError(f"config.json names architecture {architectures[0]!r}, unknown to transformers "
+                         f"{transformers.__version__}; pass the model class explicitly.")
+    return model_class
+
+
 def attach_description(model: PreTrainedModel, config: InherConfig, report: InherReport) -> None:
     """Record the inheritance in `model.config.quantization_config` and install our quantizer, exactly as
     `from_pretrained` leaves a loaded model: plain `save_pretrained` / `push_to_hub` then round-trip."""
@@ -199,7 +211,7 @@ def report_from_description(model: nn.Module, description: InherQuantizationConf
             out_f, in_f = dense_weight(module).shape
             bias = module.bias is not None
             params = sum(p.numel() for p in module.parameters())
-        dense = in_f * out_f + (out_f if bias else 0)
+        dense = dense_param_count(in_f, out_f, bias)
         rows.append(LayerRecord(name, in_f, out_f, bias, spec["rank"], spec["num_heads"], dense,
                                 params if spec["rank"] is not None else dense, spec["energy_kept"], spec["note"]))
     return InherReport(rows)
@@ -321,12 +333,7 @@ class InherModel(nn.Module):
             raise ValueError(f"{pretrained_model_name_or_path} is not an inhernet_hf checkpoint (its config.json has "
                              f"no quantization_config with quant_method={QUANT_METHOD!r}). To compress a dense model "
                              f"use get_inher_model(model, InherConfig(...)).")
-        if model_class is None:
-            architectures = getattr(config, "architectures", None) or []
-            model_class = getattr(transformers, architectures[0], None) if architectures else AutoModel
-            if model_class is None:
-                raise ValueError(f"config.json names architecture {architectures[0]!r}, unknown to transformers "
-                                 f"{transformers.__version__}; pass `model_class`.")
+        model_class = model_class or model_class_for(config)
         token_var = ALLOW_PICKLE.set(not use_safetensors)
         try:
             model = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, revision=revision,

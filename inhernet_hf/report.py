@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 
+def dense_param_count(in_features: int, out_features: int, bias: bool) -> int:
+    """Parameters of the dense layer (out x in weight, plus the bias)."""
+    return in_features * out_features + (out_features if bias else 0)
+
+
 @dataclass
 class LayerRecord:
     """What happened to one targeted layer. `rank` is None when the layer stayed dense."""
