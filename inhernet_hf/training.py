@@ -11,7 +11,9 @@ One copy of everything a recipe needs around its data and metrics:
 * the loop: `train` (gradient accumulation, scheduler, mixed precision, tracking, checkpoints, exact resume,
   NaN/Inf stop) and `evaluate` (predictions gathered with `gather_for_metrics`, no duplicated samples);
 * checkpoints: `save_checkpoint` (atomic: written to a hidden temporary folder, renamed when complete),
-  `find_latest_checkpoint`, `resolve_checkpoint`; results: `write_results`.
+  `find_latest_checkpoint`, `resolve_checkpoint`; results: `write_results`;
+* the end of a run: `create_hub_repo` (before training, so a bad token fails early) and `save_final_model`
+  (InherModel card and eval results, or a dense model + tokenizer; pushed with `--push_to_hub`).
 """
 
 from __future__ import annotations
@@ -364,7 +366,8 @@ class DistillationLoss:
     with a KD term against a frozen `teacher` when one is given and `alpha > 0`.
 
     `token_level=True` is for causal LMs: logits at position i predict token i+1, so the KD term compares
-    `logits[:, :-1]` on the positions whose next-token label is not `ignore_index` (the answer tokens).
+    `logits[:, :-1]` on the positions whose next-token label is not `ignore_index` (the answer tokens); only those
+    rows are selected before the softmaxes, so no (batch, length, vocab) float32 copy is made.
     """
 
     def __init__(self, teacher: Optional[nn.Module] = None, alpha: float = 0.0, temperature: float = 1.0,
@@ -388,12 +391,13 @@ class DistillationLoss:
             return hard, {}
         with torch.no_grad(), self.autocast():
             teacher_logits = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        student_logits, mask = outputs.logits, None
-        if self.token_level:
-            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
-            mask = batch["labels"][:, 1:] != self.ignore_index
+        student_logits = outputs.logits
+        if self.token_level:  # only the answer positions' rows (n_answer, vocab) go through the softmaxes
+            answer = batch["labels"][:, 1:] != self.ignore_index
+            student_logits, teacher_logits = student_logits[:, :-1][answer], teacher_logits[:, :-1][answer]
+        del outputs
         loss, soft = distillation_loss(student_logits, teacher_logits, hard, self.alpha, self.temperature,
-                                       self.kind, mask)
+                                       self.kind)
         return loss, {"task_loss": hard.detach(), "kd_loss": soft.detach()}
 
 
@@ -732,3 +736,47 @@ def write_results(path: Union[str, Path], results: Mapping[str, Any]) -> None:
 
     with open(path, "w") as f:
         json.dump({k: clean(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+
+
+CHECKPOINT_PATTERNS = ["step_*", "epoch_*", f"{TMP_PREFIX}*", f"{OLD_PREFIX}*"]
+
+
+def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> Optional[str]:
+    """With `--push_to_hub`, create (or reuse) the `--hub_model_id` repository on the main process before any
+    training, so that a bad token or repository id fails early; returns its full id (None otherwise)."""
+    if not (args.push_to_hub and accelerator.is_main_process):
+        return None
+    from huggingface_hub import HfApi
+
+    return HfApi(token=args.hub_token).create_repo(args.hub_model_id, exist_ok=True).repo_id
+
+
+def save_final_model(accelerator: Accelerator, model: nn.Module, tokenizer, args: argparse.Namespace,
+                     eval_results: Mapping[str, float], eval_dataset: str, repo_id: Optional[str] = None) -> None:
+    """Save the trained model to `--output_dir` and, when `repo_id` is given, push it. An inherited model goes
+    through `InherModel.save_pretrained` / `push_to_hub` (safetensors, tokenizer, model card with `eval_results` on
+    `eval_dataset`); a dense one through its own `save_pretrained` plus the tokenizer, and is uploaded without the
+    checkpoint folders. All processes must call it."""
+    from .model import InherModel
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    results = {k: float(v) for k, v in eval_results.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if isinstance(unwrapped, InherModel):
+        unwrapped.save_pretrained(args.output_dir, tokenizer=tokenizer, eval_results=results,
+                                  eval_dataset=eval_dataset, is_main_process=accelerator.is_main_process)
+    else:
+        unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(args.output_dir)
+    if repo_id is None or not accelerator.is_main_process:
+        return
+    if isinstance(unwrapped, InherModel):
+        unwrapped.push_to_hub(repo_id, token=args.hub_token, tokenizer=tokenizer, eval_results=results,
+                              eval_dataset=eval_dataset, commit_message="End of training")
+    else:
+        from huggingface_hub import HfApi
+
+        HfApi(token=args.hub_token).upload_folder(repo_id=repo_id, folder_path=args.output_dir,
+                                                  commit_message="End of training",
+                                                  ignore_patterns=CHECKPOINT_PATTERNS)

@@ -37,14 +37,12 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           default_data_collator)
 
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited teachers load)
-from inhernet_hf import InherModel
 from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
                                   add_training_args, build_accelerator, build_optimizer, check_common_args,
-                                  evaluate, inher_config_from_args, inherit_model, prepare_training,
-                                  resolve_checkpoint, train, write_results)
+                                  create_hub_repo, evaluate, inher_config_from_args, inherit_model,
+                                  prepare_training, resolve_checkpoint, save_final_model, train, write_results)
 
 HUB_DATASET = "nyu-mll/glue"
-CHECKPOINT_PATTERNS = ["step_*", "epoch_*", ".tmp-*", ".old-*"]
 
 
 class GlueRecipeError(ValueError):
@@ -301,11 +299,7 @@ def run(args: argparse.Namespace) -> dict:
     accelerator = build_accelerator(args)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:  # fail early on a bad token or repo id
-        from huggingface_hub import HfApi
-
-        repo_id = HfApi(token=args.hub_token).create_repo(args.hub_model_id, exist_ok=True).repo_id
+    repo_id = create_hub_repo(accelerator, args)
 
     label_kwargs = {} if task.is_regression else {
         "id2label": dict(enumerate(task.label_names)), "label2id": {n: i for i, n in enumerate(task.label_names)}}
@@ -383,17 +377,8 @@ def run(args: argparse.Namespace) -> dict:
                    max_grad_norm=args.max_grad_norm, eval_fn=eval_fn, seed=args.seed,
                    with_tracking=args.with_tracking, project_name=f"glue_{task.name}", tracker_args=args)
 
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
     eval_metrics = {k: v for k, v in result.eval_metrics.items() if not k.startswith("samples")}
-    card_results = {k: v for k, v in eval_metrics.items() if np.isfinite(v)}
-    if isinstance(unwrapped, InherModel):
-        unwrapped.save_pretrained(args.output_dir, tokenizer=tokenizer, eval_results=card_results,
-                                  eval_dataset=f"glue/{task.name}", is_main_process=accelerator.is_main_process)
-    else:
-        unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(args.output_dir)
+    save_final_model(accelerator, model, tokenizer, args, eval_metrics, f"glue/{task.name}", repo_id)
     results = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
     results.update({
         "task": task.name, "inherited": inher_config is not None, "kd": use_kd,
@@ -405,16 +390,6 @@ def run(args: argparse.Namespace) -> dict:
     })
     if accelerator.is_main_process:
         write_results(Path(args.output_dir) / "all_results.json", results)
-        if args.push_to_hub:
-            if isinstance(unwrapped, InherModel):
-                unwrapped.push_to_hub(repo_id, token=args.hub_token, tokenizer=tokenizer, eval_results=card_results,
-                                      eval_dataset=f"glue/{task.name}", commit_message="End of training")
-            else:
-                from huggingface_hub import HfApi
-
-                HfApi(token=args.hub_token).upload_folder(repo_id=repo_id, folder_path=args.output_dir,
-                                                          commit_message="End of training",
-                                                          ignore_patterns=CHECKPOINT_PATTERNS)
     accelerator.print(f"results: {results}")
     accelerator.end_training()  # finishes the trackers, destroys the process group
     return results

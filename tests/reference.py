@@ -20,3 +20,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def smollm2_dir() -> str:
     """Folder of SmolLM2-135M-Instruct's GGUF file."""
     return smollm2_path()[0]
+
+
+def safetensors_equal(a, b) -> bool:
+    """Two safetensors files hold the same tensor names with bit-identical values."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

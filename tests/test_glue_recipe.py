@@ -2,18 +2,10 @@
 the shared machinery in inhernet_hf.training (KD losses, NaN stop, checkpoint resolution).
 
 Data: $INHERNET_DATA_DIR (default: the `shared/data` folder beside the repository), holding glue/SST-2 etc.
-
-Multi-process note: with accelerate 1.x, `accelerate launch --cpu --num_processes 2` starts ONE process unless
-mpirun is configured (huggingface/accelerate#2741); two CPU processes over gloo are started with
-`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (torch.distributed.run).
 """
 
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,18 +13,27 @@ import torch
 from torch import nn
 
 from hub_server import recording_hub
-from reference import minilm_path
+from recipes import DATA_DIR, results
+from recipes import launch as launch_recipe
+from recipes import load_recipe as load_recipe_file
+from reference import minilm_path, safetensors_equal
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "glue.py"
-DATA_DIR = Path(os.environ.get("INHERNET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 GLUE = DATA_DIR / "glue"
 needs_glue = pytest.mark.skipif(
     not (GLUE / "SST-2" / "train.tsv").is_file(),
     reason=f"GLUE TSVs not found under {GLUE}: set INHERNET_DATA_DIR to the folder holding glue/SST-2/train.tsv",
 )
+
+
+def launch(args, output_dir, **kwargs):
+    return launch_recipe("glue", args, output_dir, **kwargs)
+
+
+def load_recipe():
+    return load_recipe_file("glue")
+
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # not a dependency of the package
 
@@ -45,45 +46,6 @@ STUDENT_ARGS = [*SST2, "--per_device_train_batch_size", "16", "--per_device_eval
                 "--learning_rate", "3e-4", "--max_train_steps", "10", "--gradient_accumulation_steps", "2",
                 "--checkpointing_steps", "4", "--inher_target_ratio", "0.5", "--inher_num_heads", "2",
                 "--inher_init", "svd", "--kd_alpha", "0.5", "--kd_temperature", "2"]
-
-
-def launch(args, output_dir, num_processes=1, env=None, check=True):
-    """`accelerate launch` the recipe on CPU; returns the CompletedProcess."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--num_processes", str(num_processes)]
-    extra = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if num_processes == 1:
-        command.append("--cpu")
-    else:
-        command += ["--multi_gpu", "--main_process_port", "0"]
-        extra["ACCELERATE_USE_CPU"] = "1"
-    command += [str(RECIPE), *map(str, args), "--output_dir", str(output_dir)]
-    result = subprocess.run(command, env={**os.environ, **extra, **(env or {})}, capture_output=True, text=True,
-                            timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def results(output_dir) -> dict:
-    return json.loads((Path(output_dir) / "all_results.json").read_text())
-
-
-def load_recipe():
-    """recipes/glue.py as a module (registered in sys.modules: its dataclasses need it)."""
-    if "glue_recipe" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("glue_recipe", RECIPE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["glue_recipe"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["glue_recipe"]
-
-
-def safetensors_equal(a, b) -> bool:
-    from safetensors.torch import load_file
-
-    x, y = load_file(str(a)), load_file(str(b))
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,215 @@
+"""recipes/gsm8k.py: the answer extractor on real GSM8K answers and messy generations, prompt/label construction,
+answer NLL against the model's own loss, bad inputs, and an end-to-end `accelerate launch` run on the real
+SmolLM2-135M-Instruct (GGUF) with real GSM8K JSONL ($INHERNET_DATA_DIR/gsm8k, default ../shared/data/gsm8k)."""
+
+import json
+
+import pytest
+import torch
+
+from recipes import DATA_DIR, launch, load_recipe, results
+from reference import SMOLLM2_GGUF, smollm2_dir
+
+GSM8K = DATA_DIR / "gsm8k"
+needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(),
+                                 reason=f"GSM8K JSONL not found under {GSM8K}: set INHERNET_DATA_DIR")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe("gsm8k")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Answer extraction
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@needs_gsm8k
+def test_extractor_on_every_real_gsm8k_answer(recipe):
+    """Every reference answer of both splits: the number after '####', commas removed (79 train answers have
+    thousands separators, e.g. '#### 1,080'); the reasoning before it holds other numbers that must not win."""
+    checked = with_commas = 0
+    for split in ("train", "test"):
+        for line in (GSM8K / f"{split}.jsonl").read_text().splitlines():
+            answer = json.loads(line)["answer"]
+            final = answer.split("####")[-1].strip()
+            assert recipe.extract_answer(answer) == final.replace(",", ""), answer
+            checked += 1
+            with_commas += "," in final
+    assert checked == 7473 + 1319 and with_commas > 0
+
+
+def test_extractor_on_real_answer_strings(recipe):
+    janet = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at "
+             "the farmer\u2019s market.\n#### 18")
+    assert recipe.extract_answer(janet) == "18"
+    house = ("The cost of the house and repairs came out to 80,000+50,000=$<<80000+50000=130000>>130,000\nHe increased "
+             "the value of the house by 80,000*1.5=<<80000*1.5=120000>>120,000\nSo the new value of the house is "
+             "120,000+80,000=$<<120000+80000=200000>>200,000\nSo he made a profit of 200,000-130,000=$<<200000-130000="
+             "70000>>70,000\n#### 70000")
+    assert recipe.extract_answer(house) == "70000"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("So she makes $18 every day.\n#### 18<|im_end|>", "18"),
+    ("#### $1,234.50", "1234.5"),
+    ("The answer is 18.00.", "18"),
+    ("He made a profit of $70,000.", "70000"),
+    ("The temperature dropped to -3 degrees.", "-3"),
+    ("####18", "18"),
+    ("#### 0.50 dollars", "0.5"),
+    ("#### 100", "100"),                                      # trailing zeros of an integer stay
+    ("First 5 + 7 = 12, then 12 * 3 = 36 apples", "36"),      # no marker: the last number
+    ("#### 7\n\nQuestion: Tom has 3 apples...\nAnswer: #### 3", "7"),  # rambling after the first answer
+    ("####\nThe result is 42", "42"),                         # marker without a number: fall back
+    ("I cannot solve this.", None),
+    ("", None),
+    ("It takes 2/2=1 bolt of white fiber, so 2+1=3 in total. The answer is 3.", "3"),
+    ("Total: 1,000,000 grains", "1000000"),
+    ("The list 1,2,3 has 3 items", "3"),
+])
+def test_extractor_on_messy_generations(recipe, text, expected):
+    assert recipe.extract_answer(text) == expected
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Prompts and labels
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_chat_prompt_masks_the_prompt_and_ends_the_answer(recipe, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    formatter = recipe.PromptFormatter(tok)  # auto -> chat (SmolLM2 has a template)
+    assert formatter.chat
+    example = formatter.encode("What is 2+3?", "2+3=<<2+3=5>>5\n#### 5", max_length=512)
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
+                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    answer = tok("2+3=5\n#### 5", add_special_tokens=False)["input_ids"]  # calculator trace stripped
+    assert example["input_ids"] == prompt + answer + [tok.eos_token_id]
+    assert example["labels"] == [-100] * len(prompt) + answer + [tok.eos_token_id]
+    assert tok.decode(example["input_ids"]).endswith("<|im_start|>assistant\n2+3=5\n#### 5<|im_end|>")
+    kept = recipe.PromptFormatter(tok, keep_calculator_annotations=True).encode("q", "2+3=<<2+3=5>>5", 512)
+    assert "<<2+3=5>>" in tok.decode(kept["input_ids"])
+    short = formatter.encode("What is 2+3?", "2+3=<<2+3=5>>5\n#### 5", max_length=len(prompt) + 2)
+    assert short["labels"] == [-100] * len(prompt) + answer[:2] and len(short["input_ids"]) == len(prompt) + 2
+
+
+def test_plain_prompt_and_format_errors(recipe, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    plain = recipe.PromptFormatter(tok, "plain")
+    assert plain.prompt_text("Why?") == "Question: Why?\nAnswer:"
+    example = plain.encode("Why?", "Because.\n#### 1", 512)
+    n_prompt = example["labels"].count(-100)
+    assert tok.decode(example["input_ids"][:n_prompt]) == "Question: Why?\nAnswer:"
+    assert tok.decode(example["input_ids"][n_prompt:]) == " Because.\n#### 1<|im_end|>"
+    with pytest.raises(recipe.Gsm8kRecipeError, match=r"\{question\}"):
+        recipe.PromptFormatter(tok, "plain", template="Q: A:")
+    tok_without_template = type("NoTemplate", (), {"chat_template": None, "eos_token_id": 2})()
+    with pytest.raises(recipe.Gsm8kRecipeError, match="no chat template"):
+        recipe.PromptFormatter(tok_without_template, "chat")
+    assert not recipe.PromptFormatter(tok_without_template, "auto").chat
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Answer NLL
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_answer_nll_equals_the_models_own_loss(recipe):
+    """Per-token NLL over the answer tokens of all batches = the model's mean cross-entropy on the same labels
+    (computed on the concatenation: one batch holding every example)."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 50, (5, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100                    # prompts
+    labels[1, 7:] = -100                    # padding
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    batches = [{"input_ids": ids[i:i + 2], "attention_mask": mask[i:i + 2], "labels": labels[i:i + 2]}
+               for i in range(0, 5, 2)]
+    metrics = recipe.answer_nll(Accelerator(cpu=True), model, batches)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert metrics["answer_nll"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["answer_perplexity"] == pytest.approx(float(torch.tensor(expected).exp()), rel=1e-5)
+    assert metrics["answer_tokens"] == int((labels[:, 1:] != -100).sum()) and metrics["nll_samples"] == 5
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input (before any model is loaded)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_files_and_bad_jsonl(recipe, tmp_path, capsys):
+    base = ["--model_name_or_path", "unused", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"missing .*train.jsonl.*test.jsonl"):
+        recipe.main([*base, "--data_dir", str(tmp_path)])
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "solution": "a"}\n')
+    with pytest.raises(SystemExit, match=r"test.jsonl:1 needs the string keys \['question', 'answer'\].*"
+                                         r"\['answer'\]"):
+        recipe.main([*base, "--data_dir", str(tmp_path)])
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "a"\n')
+    with pytest.raises(SystemExit, match="test.jsonl:1 is not valid JSON"):
+        recipe.main([*base, "--data_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="bad inheritance options"):
+        recipe.main([*base, "--data_dir", str(tmp_path), "--inher_num_heads", "0"])
+    with pytest.raises(SystemExit):
+        recipe.parse_args([*base, "--max_new_tokens", "0"])
+    assert "--max_new_tokens must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# End to end: real SmolLM2-135M-Instruct (GGUF) through accelerate launch
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_gsm8k
+def test_inherit_distil_generate_save_reload_end_to_end(recipe, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import inhernet_hf  # noqa: F401  (AutoModelForCausalLM loads inherited checkpoints)
+
+    out = tmp_path / "inher"
+    launch("gsm8k", ["--model_name_or_path", smollm2_dir(), "--gguf_file", SMOLLM2_GGUF, "--data_dir", GSM8K,
+                     "--max_train_samples", "8", "--per_device_train_batch_size", "4",
+                     "--per_device_eval_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "1",
+                     "--learning_rate", "1e-5", "--max_eval_samples", "6", "--max_new_tokens", "24",
+                     "--generation_batch_size", "4", "--inher_target_ratio", "0.8", "--inher_num_heads", "2",
+                     "--inher_init", "svd", "--kd_alpha", "0.5"], out, timeout=600)
+    r = results(out)
+    assert r["inherited"] and r["kd"] and r["train_steps"] == 2 and r["train_samples"] == 8
+    assert r["eval_nll_samples"] == 6 and r["eval_generation_samples"] == 6
+    assert r["eval_answer_nll"] > 0 and r["eval_answer_perplexity"] == pytest.approx(
+        torch.tensor(r["eval_answer_nll"]).exp().item(), rel=1e-5)
+    assert r["total_params"] < r["dense_params"]
+    assert (out / "step_1").is_dir() and (out / "step_2").is_dir()
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [rec["index"] for rec in records] == list(range(6))
+    assert r["eval_exact_match"] == sum(rec["correct"] for rec in records) / 6
+    assert all(rec["prediction"] == recipe.extract_answer(rec["generation"]) for rec in records)
+
+    # The saved model is a plain transformers checkpoint; its greedy generations are the recorded ones.
+    from accelerate import Accelerator
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    again = recipe.generate_answers(Accelerator(cpu=True), model, tok, recipe.PromptFormatter(tok),
+                                    [rec["question"] for rec in records],
+                                    [json.loads(line)["answer"] for line in
+                                     (GSM8K / "test.jsonl").read_text().splitlines()[:6]], 4, 24)
+    assert again == records
