@@ -120,6 +120,9 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 5e
     group.add_argument("--output_dir", type=str, required=True, help="Final model, all_results.json and checkpoints.")
     group.add_argument("--seed", type=int, default=42,
                        help="Seed of the initialisation, dropout and data order (needed for exact resumption).")
+    group.add_argument("--eval_steps", type=_positive_int, default=None,
+                       help="Also evaluate every N optimizer steps (default: at the end of each epoch only); every "
+                            "evaluation is listed in all_results.json's eval_history.")
     group.add_argument("--checkpointing_steps", type=parse_checkpointing_steps, default=None,
                        help="Save the training state every N optimizer steps, or 'epoch' at the end of each epoch.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
@@ -164,6 +167,10 @@ def add_inher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="InherConfig.min_rank (default: InherConfig's).")
     group.add_argument("--inher_rank_multiple", type=int, default=None,
                        help="InherConfig.rank_multiple (default: InherConfig's).")
+    group.add_argument("--inher_gate", type=str, default=None,
+                       help="'softmax' or 'none' (InherConfig.gate; default: InherConfig's).")
+    group.add_argument("--inher_structure", type=str, default=None,
+                       help="'asymmetric' or 'symmetric' (InherConfig.structure; default: InherConfig's).")
     group.add_argument("--inher_target_modules", type=str, nargs="+", default=None,
                        help="Module names to inherit, one regex string, or 'all-linear' (default: the model type's).")
     group.add_argument("--inher_calibration_samples", type=_positive_int, default=128,
@@ -197,7 +204,8 @@ def inher_config_from_args(args: argparse.Namespace, task_type: str) -> InherCon
         is_pattern = len(modules) == 1 and (modules[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", modules[0]))
         kwargs["target_modules"] = modules[0] if is_pattern else modules
     for flag, name in (("inher_rank_allocation", "rank_allocation"), ("inher_min_rank", "min_rank"),
-                       ("inher_rank_multiple", "rank_multiple")):
+                       ("inher_rank_multiple", "rank_multiple"), ("inher_gate", "gate"),
+                       ("inher_structure", "structure")):
         if getattr(args, flag, None) is not None:
             kwargs[name] = getattr(args, flag)
     return InherConfig(**kwargs)
@@ -547,6 +555,7 @@ class TrainResult:
     train_runtime: float
     train_steps_this_run: int
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "epoch", metrics...} of this run
     resumed_from: Optional[str] = None
     last_checkpoint: Optional[str] = None
 
@@ -577,6 +586,7 @@ def train(
     resume_from_checkpoint: Optional[Union[str, Path]] = None,
     max_grad_norm: Optional[float] = None,
     eval_fn: Optional[Callable[[], dict[str, float]]] = None,
+    eval_steps: Optional[int] = None,
     seed: Optional[int] = None,
     with_tracking: bool = False,
     project_name: str = "inhernet",
@@ -592,8 +602,9 @@ def train(
     seeded order is replayed and the consumed batches skipped with `accelerator.skip_first_batches`, so the result
     equals that of an uninterrupted run. A NaN/Inf loss (or, without an fp16 loss scaler, gradient norm) on any
     process raises `NonFiniteLossError` before the weights change; the last checkpoint is left as it was.
-    `eval_fn()` runs (under `preserved_rng`) at the end of every epoch and once at the end if the last epoch's
-    evaluation does not already describe the final weights; its metrics are logged with an 'eval_' prefix.
+    `eval_fn()` runs (under `preserved_rng`) every `eval_steps` optimizer steps, at the end of every epoch and once
+    at the end if no evaluation describes the final weights yet; its metrics are logged with an 'eval_' prefix and
+    listed in `TrainResult.eval_history`.
     """
     output_dir = Path(output_dir)
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
@@ -632,6 +643,7 @@ def train(
         with preserved_rng():
             metrics = eval_fn()
         model.train()
+        eval_history.append({"step": completed_steps, "epoch": epoch, **metrics})
         accelerator.print(f"epoch {epoch} step {completed_steps}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if with_tracking:
@@ -665,6 +677,7 @@ def train(
     progress = tqdm(range(plan.max_train_steps), initial=min(completed_steps, plan.max_train_steps),
                     disable=not accelerator.is_local_main_process, desc="Training")
     eval_metrics: dict[str, float] = {}
+    eval_history: list[dict[str, Any]] = []
     eval_step = None
     loss_sum, loss_count, steps_this_run = 0.0, 0, 0
     start = time.perf_counter()
@@ -694,9 +707,12 @@ def train(
                 if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
                     last_checkpoint = str(save_checkpoint(accelerator, output_dir, f"step_{completed_steps}",
                                                           position_state(epoch, batches_done)))
+                if (eval_fn is not None and eval_steps and completed_steps % eval_steps == 0
+                        and completed_steps < plan.max_train_steps):
+                    eval_metrics, eval_step = run_eval(epoch), completed_steps
                 if completed_steps >= plan.max_train_steps:
                     break
-            if eval_fn is not None:
+            if eval_fn is not None and eval_step != completed_steps:
                 eval_metrics, eval_step = run_eval(epoch), completed_steps
             if checkpointing_steps == "epoch":
                 last_checkpoint = str(save_checkpoint(accelerator, output_dir, f"epoch_{epoch}",
@@ -714,7 +730,8 @@ def train(
         eval_metrics = run_eval(epoch)
     epochs_done = completed_steps / plan.num_update_steps_per_epoch if plan.num_update_steps_per_epoch else 0.0
     return TrainResult(completed_steps, round(epochs_done, 4), loss_sum / loss_count if loss_count else None, runtime,
-                       steps_this_run, eval_metrics, resumed_from, last_checkpoint)
+                       steps_this_run, eval_metrics=eval_metrics, eval_history=eval_history,
+                       resumed_from=resumed_from, last_checkpoint=last_checkpoint)
 
 
 def _non_finite_message(what: str, value: float, step: int, epoch: int, last_checkpoint: Optional[str]) -> str:
@@ -732,6 +749,10 @@ def write_results(path: Union[str, Path], results: Mapping[str, Any]) -> None:
             return None
         if isinstance(value, (np.floating, np.integer)):
             return clean(value.item())
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
         return value
 
     with open(path, "w") as f:

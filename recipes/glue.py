@@ -37,6 +37,8 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           default_data_collator)
 
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited teachers load)
+from inhernet_hf.distill import HCDBranches, HCDLoss, HKTLoss, stage_ends
+from inhernet_hf.students import layer_student
 from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
                                   add_training_args, build_accelerator, build_optimizer, check_common_args,
                                   create_hub_repo, evaluate, inher_config_from_args, inherit_model,
@@ -231,9 +233,37 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add_training_args(parser)
     add_inher_args(parser)
     add_kd_args(parser)
+    baselines = parser.add_argument_group("student baselines (a smaller same-family model instead of inheritance)")
+    baselines.add_argument("--student_num_layers", type=int, default=None,
+                           help="Train a student made of this many evenly spaced layers of --model_name_or_path "
+                                "(DistilBERT-style init) instead of inheriting.")
+    baselines.add_argument("--student_layers", type=int, nargs="+", default=None,
+                           help="The teacher's layer indices the student keeps (instead of --student_num_layers).")
+    baselines.add_argument("--distill_method", choices=["kd", "hkt", "hcd"], default="kd",
+                           help="'kd': Hinton KD weighted by --kd_alpha (0: plain cross-entropy); 'hkt': Hereditary "
+                                "Knowledge Transfer; 'hcd': Heterogeneous Complementary Distillation (both "
+                                "classification only, with their own weights below).")
+    baselines.add_argument("--hkt_lambda", type=float, default=0.6, help="HKT's mixing weight lambda.")
+    baselines.add_argument("--hcd_k", type=int, default=4, help="HCD's sub-logits per stage.")
+    baselines.add_argument("--hcd_num_stages", type=int, default=None,
+                           help="HCD's student stages (equal groups of layers; default: min(3, layers)).")
+    baselines.add_argument("--hcd_lambda", type=float, default=6.0, help="HCD's KL weight.")
+    baselines.add_argument("--hcd_beta", type=float, default=1.0, help="HCD's orthogonality-loss weight.")
+    baselines.add_argument("--hcd_theta", type=float, default=0.5, help="HCD's cosine margin theta.")
     args = parser.parse_args(argv)
     try:
         check_common_args(args)
+        if args.student_num_layers is not None and args.student_layers is not None:
+            raise ValueError("Give only one of --student_num_layers and --student_layers.")
+        is_student = args.student_num_layers is not None or args.student_layers is not None
+        if is_student and (args.inher_r is not None or args.inher_target_ratio is not None):
+            raise ValueError("A student run (--student_num_layers/--student_layers) does not inherit: drop "
+                             "--inher_r/--inher_target_ratio.")
+        if args.distill_method != "kd" and (args.no_inher and not is_student):
+            raise ValueError(f"--distill_method {args.distill_method} needs a student or an inherited model (it "
+                             f"distils from the teacher); --no_inher trains the teacher.")
+        if args.distill_method == "hcd" and args.hcd_k < 1:
+            raise ValueError(f"--hcd_k must be >= 1, got {args.hcd_k}.")
     except ValueError as err:
         parser.error(str(err))
     if args.push_to_hub and args.hub_model_id is None:
@@ -283,12 +313,16 @@ def load_teacher(path: str, task: GlueTask) -> torch.nn.Module:
 def run(args: argparse.Namespace) -> dict:
     wall_start = time.perf_counter()
     task = GLUE_TASKS[args.task_name]
-    use_kd = not args.no_inher and args.kd_alpha > 0
-    if args.no_inher and args.teacher_name_or_path:
+    is_student = args.student_num_layers is not None or args.student_layers is not None
+    use_kd = (is_student or not args.no_inher) and (args.kd_alpha > 0 or args.distill_method != "kd")
+    if args.no_inher and not is_student and args.teacher_name_or_path:
         print("warning: --teacher_name_or_path is ignored with --no_inher (no distillation).", file=sys.stderr)
+    if args.distill_method != "kd" and task.is_regression:
+        raise GlueRecipeError(f"--distill_method {args.distill_method} needs a classification task; {task.name} is a "
+                              f"regression (use --distill_method kd).")
     # Everything that can be checked without loading a model comes first.
     inher_config = None
-    if not args.no_inher:
+    if not args.no_inher and not is_student:
         try:
             inher_config = inher_config_from_args(args, task_type="SEQ_CLS")
         except (TypeError, ValueError) as err:
@@ -342,6 +376,11 @@ def run(args: argparse.Namespace) -> dict:
                         for split, _ in task.eval_files}
 
     dense_params = model.num_parameters()
+    if is_student:
+        try:
+            model = layer_student(model, args.student_num_layers, args.student_layers)
+        except ValueError as err:
+            raise GlueRecipeError(f"bad student options: {err}") from err
     if inher_config is not None:
         calibration = DataLoader(processed["train"], collate_fn=collator, batch_size=args.per_device_train_batch_size)
         model = inherit_model(model, inher_config, calibration, args.inher_calibration_samples,
@@ -351,10 +390,26 @@ def run(args: argparse.Namespace) -> dict:
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    branches = None
+    if use_kd and args.distill_method == "hcd":  # training-only modules: trained with the student, never saved
+        num_layers = model.config.num_hidden_layers
+        try:
+            stages = stage_ends(num_layers, args.hcd_num_stages or min(3, num_layers))
+        except ValueError as err:
+            raise GlueRecipeError(f"--hcd_num_stages: {err}") from err
+        branches = HCDBranches(model.config.hidden_size, teacher.config.hidden_size, len(stages),
+                               task.num_labels, args.hcd_k)
+        optimizer.add_param_group({"params": list(branches.parameters()), "weight_decay": args.weight_decay})
     model, optimizer, train_dataloader, eval_dataloaders, lr_scheduler, plan = prepare_training(
         accelerator, model, optimizer, train_dataloader, eval_dataloaders, args)
-    loss_fn = DistillationLoss(teacher, args.kd_alpha if use_kd else 0.0, args.kd_temperature,
-                               kind="mse" if task.is_regression else "kl", autocast=accelerator.autocast)
+    if branches is not None:
+        loss_fn = HCDLoss(teacher, accelerator.prepare(branches), stages, args.hcd_lambda, args.hcd_beta,
+                          args.hcd_theta, args.kd_temperature)
+    elif use_kd and args.distill_method == "hkt":
+        loss_fn = HKTLoss(teacher, args.hkt_lambda)
+    else:
+        loss_fn = DistillationLoss(teacher, args.kd_alpha if use_kd else 0.0, args.kd_temperature,
+                                   kind="mse" if task.is_regression else "kl", autocast=accelerator.autocast)
     predict = ((lambda outputs, batch: outputs.logits.squeeze(-1)) if task.is_regression
                else (lambda outputs, batch: outputs.logits.argmax(dim=-1)))
 
@@ -367,14 +422,15 @@ def run(args: argparse.Namespace) -> dict:
             metrics[f"samples{suffix}"] = int(len(predictions))
         return metrics
 
+    kind = "inherited" if inher_config else f"{model.config.num_hidden_layers}-layer student" if is_student else "dense"
     accelerator.print(f"task {task.name}: {len(processed['train'])} train examples, "
                       + ", ".join(f"{len(processed[s])} {s}" for s, _ in task.eval_files)
                       + f"; {plan.max_train_steps} optimizer steps of {plan.total_batch_size} examples "
-                      + f"({plan.num_train_epochs} epoch(s)); {'inherited' if inher_config else 'dense'} model with "
-                      + f"{total_params:,} params; KD {'on' if use_kd else 'off'}")
+                      + f"({plan.num_train_epochs} epoch(s)); {kind} model with {total_params:,} params; "
+                      + (f"distillation {args.distill_method}" if use_kd else "no distillation"))
     result = train(accelerator, model, optimizer, lr_scheduler, train_dataloader, loss_fn, plan, args.output_dir,
                    checkpointing_steps=args.checkpointing_steps, resume_from_checkpoint=resume_path,
-                   max_grad_norm=args.max_grad_norm, eval_fn=eval_fn, seed=args.seed,
+                   max_grad_norm=args.max_grad_norm, eval_fn=eval_fn, eval_steps=args.eval_steps, seed=args.seed,
                    with_tracking=args.with_tracking, project_name=f"glue_{task.name}", tracker_args=args)
 
     eval_metrics = {k: v for k, v in result.eval_metrics.items() if not k.startswith("samples")}
@@ -382,6 +438,10 @@ def run(args: argparse.Namespace) -> dict:
     results = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
     results.update({
         "task": task.name, "inherited": inher_config is not None, "kd": use_kd,
+        "distill_method": args.distill_method if use_kd else None,
+        "student_layers": model.config.num_hidden_layers if is_student else None,
+        "training_only_params": sum(p.numel() for p in branches.parameters()) if branches is not None else 0,
+        "eval_history": result.eval_history,
         "train_loss": result.train_loss, "train_steps": result.completed_steps, "epoch": result.epoch,
         "train_samples": len(processed["train"]), "train_runtime": round(result.train_runtime, 3),
         "trainable_params": trainable_params, "total_params": total_params, "dense_params": dense_params,

@@ -11,6 +11,7 @@ without and with KD from it. A run whose all_results.json exists is reused (--ov
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def main() -> None:
     parser.add_argument("--kd_temperature", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--launcher", default=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 "
-                        "--num_machines 1 --mixed_precision no --dynamo_backend no",
+                        f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
+                        f"{os.cpu_count()}",  # accelerate's default is 1 thread per process
                         help="Command prefix that launches the recipe (accelerate launch ...).")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()

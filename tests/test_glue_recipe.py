@@ -5,7 +5,11 @@ Data: $INHERNET_DATA_DIR (default: the `shared/data` folder beside the repositor
 """
 
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ import torch
 from torch import nn
 
 from hub_server import recording_hub
-from recipes import DATA_DIR, results
+from recipes import DATA_DIR, REPO, results
 from recipes import launch as launch_recipe
 from recipes import load_recipe as load_recipe_file
 from reference import minilm_path, safetensors_equal
@@ -149,6 +153,48 @@ def test_killed_during_checkpoint_save_then_resumed_equals_uninterrupted(teacher
     assert safetensors_equal(out / "model.safetensors", reference / "model.safetensors")
     assert safetensors_equal(out / "step_8" / "model.safetensors", reference / "step_8" / "model.safetensors")
     assert not (out / f"{TMP_PREFIX}step_8").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (b2) the students-vs-InherNet comparison (recipes/compare.py) on the same teacher
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@needs_glue
+def test_compare_students_and_inhernet_at_equal_size(teacher, tmp_path):
+    """compare.py end to end (CI-sized): the teacher row, a 3-layer student with HCD, InherNet matched to it; one
+    seed, 64 examples, 4 steps; the convergence column is read from the evaluation at step 1 (25% of 4)."""
+    command = [sys.executable, str(REPO / "recipes" / "compare.py"), "--task_name", "sst2",
+               "--teacher_name_or_path", str(teacher), "--data_dir", str(GLUE), "--student_layers", "3",
+               "--methods", "teacher", "student_hcd", "inher", "--seeds", "1", "--max_train_samples", "64",
+               "--max_eval_samples", "201", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
+               "--launcher", f"{sys.executable} -m accelerate.commands.launch --cpu --num_processes 1 "
+               "--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process 1",
+               "--output_dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert summary["student_layers"] == 3 and summary["total_steps"] == 4 and list(rows) == ["teacher", "student_hcd",
+                                                                                             "inher"]
+    student, inher = results(tmp_path / "student_hcd" / "seed_1"), results(tmp_path / "inher" / "seed_1")
+    assert student["student_layers"] == 3 and student["distill_method"] == "hcd" and student["training_only_params"] > 0
+    assert inher["inherited"] and not inher["kd"]
+    assert abs(inher["total_params"] / student["total_params"] - 1) < 0.005  # equal size
+    assert rows["teacher"]["mean"] == results(teacher)["eval_accuracy"]  # evaluated only, not retrained
+    for method in ("student_hcd", "inher"):
+        history = results(tmp_path / method / "seed_1")["eval_history"]
+        assert [h["step"] for h in history] == [1, 2, 3, 4]  # --eval_steps 1 (25% of 4 steps)
+        assert rows[method]["early_mean"] == history[0]["accuracy"] and rows[method]["mean"] == history[-1]["accuracy"]
+    # the student saved without HCD's training-only branches: a plain 3-layer classifier
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "student_hcd" / "seed_1" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any("projector" in k or "mapper" in k for k in keys)
+    assert max(int(k.split(".")[3]) for k in keys if k.startswith("bert.encoder.layer.")) == 2
+    assert (tmp_path / "compare.md").read_text().count("\n") == 5 and (tmp_path / "compare.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Same-size comparisons: a same-family student made of some of the teacher's layers (DistilBERT-style init), and
+the InherNet target ratio whose model has the same total parameter count as a given student (or model size)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .config import InherConfig
+from .report import dense_param_count
+from .targets import dense_weight, find_targets
+
+
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, ModuleList) of the transformer blocks: the ModuleList with `config.num_hidden_layers` entries."""
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    stacks = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) == num_layers]
+    if num_layers is None or len(stacks) != 1:
+        found = [name for name, _ in stacks]
+        raise ValueError(f"cannot find the layer stack of {type(model).__name__}: need exactly one ModuleList with "
+                         f"config.num_hidden_layers={num_layers} entries, found {found or 'none'}.")
+    return stacks[0]
+
+
+def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
+    """`keep` layer indices spread over `num_layers`, starting at 0: 6 -> 3 gives [0, 2, 4] (DistilBERT's choice)."""
+    if not 1 <= keep <= num_layers:
+        raise ValueError(f"a student keeps between 1 and {num_layers} of the teacher's layers, got {keep}.")
+    return [i * num_layers // keep for i in range(keep)]
+
+
+def layer_student(teacher: nn.Module, num_layers: Optional[int] = None,
+                  layers: Optional[Sequence[int]] = None) -> nn.Module:
+    """A copy of `teacher` keeping only the blocks `layers` (default: `num_layers` evenly spaced ones), in order;
+    every other weight (embeddings, head) is the teacher's. The teacher is not modified."""
+    name, stack = layer_stack(teacher)
+    if layers is None:
+        if num_layers is None:
+            raise ValueError("give num_layers or layers.")
+        layers = evenly_spaced_layers(len(stack), num_layers)
+    layers = list(layers)
+    if not layers or sorted(set(layers)) != layers or not all(0 <= i < len(stack) for i in layers):
+        raise ValueError(f"layers must be distinct increasing indices in [0, {len(stack) - 1}], got {layers}.")
+    student = copy.deepcopy(teacher)
+    kept = nn.ModuleList(student.get_submodule(name)[i] for i in layers)
+    parent, _, attr = name.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, attr, kept)
+    for new_index, block in enumerate(kept):  # decoder blocks index their KV cache by layer_idx
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    student.config.num_hidden_layers = len(layers)
+    if isinstance(getattr(student.config, "layer_types", None), list):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    return student
+
+
+def targeted_param_count(model: nn.Module, config: InherConfig) -> int:
+    """Parameters (weights and biases) of the dense layers `config` targets in `model`."""
+    names = find_targets(model, config.target_modules, config.exclude_modules, config.modules_to_save,
+                         config.task_type)
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        out_features, in_features = dense_weight(module).shape
+        total += dense_param_count(in_features, out_features, getattr(module, "bias", None) is not None)
+    return total
+
+
+def matched_target_ratio(model: nn.Module, num_params: int, config: Optional[InherConfig] = None) -> float:
+    """The `target_ratio` at which `get_inher_model(model, config)` has `num_params` parameters in total: the
+    untargeted parameters stay, the targeted ones shrink to the ratio (realised within InherConfig's +-1%)."""
+    config = config or InherConfig(target_ratio=0.5)  # only the target modules matter here
+    total = sum(p.numel() for p in model.parameters())
+    targeted = targeted_param_count(model, config)
+    ratio = (num_params - (total - targeted)) / targeted
+    if not 0 < ratio <= 1:
+        raise ValueError(f"{num_params:,} parameters cannot be reached by inheritance: the model has {total:,}, of "
+                         f"which {total - targeted:,} are not targeted (ratio would be {ratio:.3f}).")
+    return ratio

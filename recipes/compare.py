@@ -1,0 +1,180 @@
+"""Does an inherited network beat a student of the same size? One command trains every method on equal terms (same
+data, steps, optimiser, learning rate and seeds; InherNet matched to the student's total parameter count) through
+`recipes/glue.py` and writes a table (markdown + JSON) and a bar chart with error bars.
+
+    python recipes/compare.py --task_name sst2 --teacher_name_or_path out/glue/sst2/teacher \\
+        --data_dir ../shared/data/glue --student_layers 3 --seeds 1 2 3 --output_dir out/compare/sst2
+
+Methods (--methods, default all): teacher (evaluated only); student (CE), student_kd (Hinton), student_hkt,
+student_hcd; lowrank (1 head, no gate, SVD init); inher, inher_kd; ablations inher_no_svd (random init),
+inher_no_gate, inher_symmetric. Budget: --student_layers N (InherNet gets the student's parameter count), or
+--target_ratio R (the student gets the layer count closest to InherNet's size). Columns: score (mean +- std over
+seeds), parameters, train time, and the score after 25% of the steps (convergence). Finished runs are reused.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from glue import GLUE_TASKS, load_glue  # recipes/ is on sys.path when this file runs as a script
+from glue_table import MAIN_METRIC, run
+
+RECIPE = Path(__file__).resolve().parent / "glue.py"
+STUDENT_METHODS = {"student": ["--kd_alpha", "0"], "student_kd": [], "student_hkt": ["--distill_method", "hkt"],
+                   "student_hcd": ["--distill_method", "hcd"]}
+INHER_METHODS = {"lowrank": ["--inher_num_heads", "1", "--inher_gate", "none", "--kd_alpha", "0"],
+                 "inher": ["--kd_alpha", "0"], "inher_kd": [],
+                 "inher_no_svd": ["--inher_init", "random", "--kd_alpha", "0"],
+                 "inher_no_gate": ["--inher_gate", "none", "--kd_alpha", "0"],
+                 "inher_symmetric": ["--inher_structure", "symmetric", "--kd_alpha", "0"]}
+METHODS = ["teacher", *STUDENT_METHODS, *INHER_METHODS]
+LABELS = {"teacher": "teacher", "student": "student (CE)", "student_kd": "student + KD",
+          "student_hkt": "student + HKT", "student_hcd": "student + HCD", "lowrank": "plain low-rank (SVD, 1 head)",
+          "inher": "InherNet", "inher_kd": "InherNet + KD", "inher_no_svd": "InherNet w/o SVD init",
+          "inher_no_gate": "InherNet w/o gate", "inher_symmetric": "InherNet symmetric"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task_name", type=str.lower, required=True, choices=sorted(GLUE_TASKS))
+    parser.add_argument("--teacher_name_or_path", required=True, help="The teacher fine-tuned on the task.")
+    parser.add_argument("--data_dir", default=None, help="GLUE TSV folder (default: the Hub).")
+    parser.add_argument("--output_dir", required=True)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--student_layers", type=int, default=None, help="Student depth (default: half the teacher's).")
+    budget.add_argument("--target_ratio", type=float, default=None, help="InherNet's targeted-parameter ratio.")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--num_heads", type=int, default=2, help="InherNet heads (lowrank uses 1).")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--num_train_epochs", type=int, default=3)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="One learning rate for every method.")
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--kd_alpha", type=float, default=0.5)
+    parser.add_argument("--kd_temperature", type=float, default=4.0)
+    parser.add_argument("--launcher", default=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 "
+                        f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
+                        f"{os.cpu_count()}", help="Command prefix that launches the recipe (accelerate launch ...).")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser.parse_args()
+
+
+def match_budget(args: argparse.Namespace) -> tuple[int, float, int]:
+    """(student layers, InherNet target ratio, student parameters) of equal total size."""
+    from transformers import AutoModelForSequenceClassification
+
+    from inhernet_hf import InherConfig
+    from inhernet_hf.students import layer_student, matched_target_ratio, targeted_param_count
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(args.teacher_name_or_path)
+    config = InherConfig(target_ratio=0.5, num_heads=args.num_heads, task_type="SEQ_CLS")
+    depth = teacher.config.num_hidden_layers
+    sizes = {n: sum(p.numel() for p in layer_student(teacher, n).parameters()) for n in range(1, depth + 1)}
+    if args.target_ratio is not None:
+        total, targeted = sum(p.numel() for p in teacher.parameters()), targeted_param_count(teacher, config)
+        inherited = total - targeted + args.target_ratio * targeted
+        layers = min(sizes, key=lambda n: abs(sizes[n] - inherited))
+    else:
+        layers = args.student_layers or depth // 2
+        if layers not in sizes:
+            raise SystemExit(f"compare.py: error: --student_layers must lie in [1, {depth}], got {layers}.")
+    return layers, matched_target_ratio(teacher, sizes[layers], config), sizes[layers]
+
+
+def summarise(method: str, runs: list[dict], metric: str, quarter: int) -> dict:
+    scores = [r[f"eval_{metric}"] for r in runs]
+    early = [h[metric] for r in runs for h in r.get("eval_history", []) if h["step"] == quarter]
+    return {"method": method, "label": LABELS[method], "scores": scores, "mean": statistics.mean(scores),
+            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "early_mean": statistics.mean(early) if early else float("nan"),
+            "early_std": statistics.stdev(early) if len(early) > 1 else 0.0,
+            "params": runs[0]["total_params"], "train_time": statistics.mean(r["train_runtime"] for r in runs)}
+
+
+def plot(rows: list[dict], metric: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(rows), 4.5))
+    colors = ["#777777" if r["method"] == "teacher" else "#4c72b0" if r["method"].startswith("student")
+              else "#dd8452" for r in rows]
+    ax.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4, color=colors)
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=35, ha="right")
+    low = min(r["mean"] - r["std"] for r in rows)
+    ax.set_ylim(max(0.0, low - 0.05), None)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    task = GLUE_TASKS[args.task_name]
+    metric = MAIN_METRIC.get(task.name, "accuracy")
+    root = Path(args.output_dir)
+    layers, ratio, student_params = match_budget(args)
+    train_size = len(load_glue(task, args.data_dir)["train"])
+    if args.max_train_samples is not None:
+        train_size = min(train_size, args.max_train_samples)
+    total_steps = args.num_train_epochs * math.ceil(train_size / args.per_device_train_batch_size)
+    quarter = max(1, total_steps // 4)
+    print(f"budget: {layers}-layer student with {student_params:,} parameters; InherNet target_ratio {ratio:.4f} "
+          f"({args.num_heads} heads); {total_steps} steps per run, convergence read at step {quarter}")
+
+    common = ["--task_name", task.name, "--max_length", str(args.max_length),
+              "--per_device_train_batch_size", str(args.per_device_train_batch_size),
+              "--per_device_eval_batch_size", "64", "--num_train_epochs", str(args.num_train_epochs),
+              "--learning_rate", str(args.learning_rate), "--num_warmup_steps", str(max(1, total_steps // 20)),
+              "--eval_steps", str(quarter), "--kd_alpha", str(args.kd_alpha),
+              "--kd_temperature", str(args.kd_temperature), "--model_name_or_path", args.teacher_name_or_path]
+    for flag in ("data_dir", "max_train_samples", "max_eval_samples"):
+        if getattr(args, flag) is not None:
+            common += [f"--{flag}", str(getattr(args, flag))]
+    launcher = shlex.split(args.launcher) + [str(RECIPE)]
+    rows, commands = [], {}
+    for method in args.methods:
+        if method == "teacher":
+            flags, seeds = ["--no_inher", "--max_train_steps", "0"], args.seeds[:1]
+        elif method in STUDENT_METHODS:
+            flags, seeds = ["--student_num_layers", str(layers), *STUDENT_METHODS[method]], args.seeds
+        else:
+            flags, seeds = ["--inher_target_ratio", f"{ratio:.6f}", "--inher_num_heads", str(args.num_heads),
+                            *INHER_METHODS[method]], args.seeds
+        runs = []
+        for seed in seeds:  # later flags win in argparse: the method's own flags override the common ones
+            output_dir = root / method / f"seed_{seed}"
+            command = launcher + [*common, "--seed", str(seed), *flags, "--output_dir", str(output_dir)]
+            commands.setdefault(method, shlex.join(command))
+            runs.append(run(command, output_dir, args.overwrite))
+        rows.append(summarise(method, runs, metric, quarter))
+
+    lines = [f"| method | {metric} (mean ± std, {len(args.seeds)} seeds) | params | train time (s) | "
+             f"{metric} at 25% of steps |", "|---|---|---|---|---|"]
+    for r in rows:
+        early = "—" if r["method"] == "teacher" else f"{r['early_mean']:.4f} ± {r['early_std']:.4f}"
+        lines.append(f"| {r['label']} | {r['mean']:.4f} ± {r['std']:.4f} | {r['params']:,} | {r['train_time']:.0f} | "
+                     f"{early} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "compare.md").write_text(table + "\n")
+    (root / "compare.json").write_text(json.dumps({"task": task.name, "metric": metric, "student_layers": layers,
+                                                   "target_ratio": ratio, "total_steps": total_steps,
+                                                   "rows": rows, "commands": commands}, indent=2))
+    plot(rows, metric, f"{task.name}: {layers}-layer student vs InherNet (equal parameters)", root / "compare.png")
+    print(f"wrote {root / 'compare.md'}, compare.json and compare.png")
+
+
+if __name__ == "__main__":
+    main()

