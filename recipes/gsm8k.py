@@ -298,6 +298,12 @@ def load_causal_lm(path: str, gguf_file: Optional[str], dtype: str):
     except (OSError, ValueError) as err:
         raise Gsm8kRecipeError(f"cannot load the causal LM {path!r}"
                                f"{f' (gguf_file {gguf_file})' if gguf_file else ''}: {err}") from err
+    if gguf_file:  # transformers dequantises GGUF weights but keeps a (non-serializable) gguf quantizer attached
+        if not all(p.is_floating_point() for p in model.parameters()):
+            raise Gsm8kRecipeError(f"{gguf_file}: not every weight was dequantised; cannot train it.")
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -413,7 +419,6 @@ def run(args: argparse.Namespace) -> dict:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     card_metrics = {k: metrics[k] for k in ("answer_nll", "answer_perplexity", "exact_match")}
-    save_final_model(accelerator, model, tokenizer, args, card_metrics, f"{HUB_DATASET}/{HUB_CONFIG}", repo_id)
     results = {f"eval_{k}": v for k, v in metrics.items()}
     results.update({
         "inherited": inher_config is not None, "kd": use_kd, "train_loss": result.train_loss,
@@ -423,8 +428,9 @@ def run(args: argparse.Namespace) -> dict:
         "params_ratio": total_params / dense_params, "resumed_from": result.resumed_from,
         "num_processes": accelerator.num_processes, "wall_time": round(time.perf_counter() - wall_start, 3),
     })
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # before the (slow) save: a failed save keeps the measurements
         write_results(Path(args.output_dir) / "all_results.json", results)
+    save_final_model(accelerator, model, tokenizer, args, card_metrics, f"{HUB_DATASET}/{HUB_CONFIG}", repo_id)
     accelerator.print(f"results: {results}")
     accelerator.end_training()
     return results
