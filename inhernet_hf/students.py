@@ -58,6 +58,15 @@ def layer_student(teacher: nn.Module, num_layers: Optional[int] = None,
     return student
 
 
+def layer_student_param_count(teacher: nn.Module, num_layers: int) -> int:
+    """Parameters of `layer_student(teacher, num_layers)`, without building it: the teacher's minus the dropped
+    blocks'."""
+    _, stack = layer_stack(teacher)
+    kept = set(evenly_spaced_layers(len(stack), num_layers))
+    dropped = sum(p.numel() for i, block in enumerate(stack) if i not in kept for p in block.parameters())
+    return sum(p.numel() for p in teacher.parameters()) - dropped
+
+
 def targeted_param_count(model: nn.Module, config: InherConfig) -> int:
     """Parameters (weights and biases) of the dense layers `config` targets in `model`."""
     names = find_targets(model, config.target_modules, config.exclude_modules, config.modules_to_save,

@@ -12,8 +12,9 @@ One copy of everything a recipe needs around its data and metrics:
   NaN/Inf stop) and `evaluate` (predictions gathered with `gather_for_metrics`, no duplicated samples);
 * checkpoints: `save_checkpoint` (atomic: written to a hidden temporary folder, renamed when complete),
   `find_latest_checkpoint`, `resolve_checkpoint`; results: `write_results`;
-* the end of a run: `create_hub_repo` (before training, so a bad token fails early) and `save_final_model`
-  (InherModel card and eval results, or a dense model + tokenizer; pushed with `--push_to_hub`).
+* the end of a run: `create_hub_repo` (before training, so a bad token fails early), `run_results` (the
+  all_results.json entries every recipe writes) and `finish_run` (writes them, then `save_final_model`: InherModel
+  card and eval results, or a dense model + tokenizer; pushed with `--push_to_hub`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
@@ -223,6 +225,23 @@ def calibration_batches(dataloader: Iterable[Mapping[str, Any]], num_samples: in
         if seen >= num_samples:
             break
     return batches
+
+
+def inherit_for_training(accelerator: Accelerator, model: nn.Module, inher_config: InherConfig, train_dataset,
+                         collate_fn, args: argparse.Namespace):
+    """The recipes' inheritance step: `inherit_model` with the (unshuffled) training set as calibration source
+    (`--inher_calibration_samples` examples, used only when the config needs them); prints the per-layer report."""
+    calibration = DataLoader(train_dataset, collate_fn=collate_fn, batch_size=args.per_device_train_batch_size)
+    model = inherit_model(model, inher_config, calibration, args.inher_calibration_samples,
+                          progressbar=accelerator.is_local_main_process)
+    accelerator.print(model.report())
+    return model
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def inherit_model(model: nn.Module, inher_config: InherConfig, calibration_loader: Optional[Iterable] = None,
@@ -801,3 +820,29 @@ def save_final_model(accelerator: Accelerator, model: nn.Module, tokenizer, args
         HfApi(token=args.hub_token).upload_folder(repo_id=repo_id, folder_path=args.output_dir,
                                                   commit_message="End of training",
                                                   ignore_patterns=CHECKPOINT_PATTERNS)
+
+
+def run_results(accelerator: Accelerator, result: TrainResult, eval_metrics: Mapping[str, Any], total_params: int,
+                trainable_params: int, dense_params: int, train_samples: int, wall_start: float) -> dict[str, Any]:
+    """The all_results.json entries of every recipe: `eval_<metric>`, progress, times and parameter counts."""
+    results: dict[str, Any] = {f"eval_{k}": v for k, v in eval_metrics.items()}
+    results.update({
+        "eval_history": result.eval_history, "train_loss": result.train_loss, "train_steps": result.completed_steps,
+        "epoch": result.epoch, "train_samples": train_samples, "train_runtime": round(result.train_runtime, 3),
+        "trainable_params": trainable_params, "total_params": total_params, "dense_params": dense_params,
+        "params_ratio": total_params / dense_params, "resumed_from": result.resumed_from,
+        "num_processes": accelerator.num_processes, "wall_time": round(time.perf_counter() - wall_start, 3),
+    })
+    return results
+
+
+def finish_run(accelerator: Accelerator, args: argparse.Namespace, model: nn.Module, tokenizer,
+               results: Mapping[str, Any], card_metrics: Mapping[str, float], eval_dataset: str,
+               repo_id: Optional[str]) -> None:
+    """Write `output_dir/all_results.json` first (a failed save or push keeps the measurements), then save (and
+    push) the model with `save_final_model`, and end the run (trackers, process group). All processes call it."""
+    if accelerator.is_main_process:
+        write_results(Path(args.output_dir) / "all_results.json", results)
+    save_final_model(accelerator, model, tokenizer, args, card_metrics, eval_dataset, repo_id)
+    accelerator.print(f"results: {dict(results)}")
+    accelerator.end_training()  # finishes the trackers, destroys the process group

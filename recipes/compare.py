@@ -15,14 +15,12 @@ seeds), parameters, train time, and the score after 25% of the steps (convergenc
 import argparse
 import json
 import math
-import os
 import shlex
 import statistics
-import sys
 from pathlib import Path
 
 from glue import GLUE_TASKS, load_glue  # recipes/ is on sys.path when this file runs as a script
-from glue_table import MAIN_METRIC, run
+from glue_table import MAIN_METRIC, add_launch_args, run
 
 RECIPE = Path(__file__).resolve().parent / "glue.py"
 STUDENT_METHODS = {"student": ["--kd_alpha", "0"], "student_kd": [], "student_hkt": ["--distill_method", "hkt"],
@@ -59,10 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=4.0)
-    parser.add_argument("--launcher", default=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 "
-                        f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
-                        f"{os.cpu_count()}", help="Command prefix that launches the recipe (accelerate launch ...).")
-    parser.add_argument("--overwrite", action="store_true")
+    add_launch_args(parser)
     return parser.parse_args()
 
 
@@ -71,12 +66,12 @@ def match_budget(args: argparse.Namespace) -> tuple[int, float, int]:
     from transformers import AutoModelForSequenceClassification
 
     from inhernet_hf import InherConfig
-    from inhernet_hf.students import layer_student, matched_target_ratio, targeted_param_count
+    from inhernet_hf.students import layer_student_param_count, matched_target_ratio, targeted_param_count
 
     teacher = AutoModelForSequenceClassification.from_pretrained(args.teacher_name_or_path)
     config = InherConfig(target_ratio=0.5, num_heads=args.num_heads, task_type="SEQ_CLS")
     depth = teacher.config.num_hidden_layers
-    sizes = {n: sum(p.numel() for p in layer_student(teacher, n).parameters()) for n in range(1, depth + 1)}
+    sizes = {n: layer_student_param_count(teacher, n) for n in range(1, depth + 1)}
     if args.target_ratio is not None:
         total, targeted = sum(p.numel() for p in teacher.parameters()), targeted_param_count(teacher, config)
         inherited = total - targeted + args.target_ratio * targeted

@@ -41,8 +41,8 @@ from inhernet_hf.distill import HCDBranches, HCDLoss, HKTLoss, stage_ends
 from inhernet_hf.students import layer_student
 from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
                                   add_training_args, build_accelerator, build_optimizer, check_common_args,
-                                  create_hub_repo, evaluate, inher_config_from_args, inherit_model,
-                                  prepare_training, resolve_checkpoint, save_final_model, train, write_results)
+                                  create_hub_repo, evaluate, finish_run, inher_config_from_args, inherit_for_training,
+                                  param_counts, prepare_training, resolve_checkpoint, run_results, train)
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -382,12 +382,8 @@ def run(args: argparse.Namespace) -> dict:
         except ValueError as err:
             raise GlueRecipeError(f"bad student options: {err}") from err
     if inher_config is not None:
-        calibration = DataLoader(processed["train"], collate_fn=collator, batch_size=args.per_device_train_batch_size)
-        model = inherit_model(model, inher_config, calibration, args.inher_calibration_samples,
-                              progressbar=accelerator.is_local_main_process)
-        accelerator.print(model.report())
-    total_params = sum(p.numel() for p in model.parameters())
-    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = inherit_for_training(accelerator, model, inher_config, processed["train"], collator, args)
+    total_params, trainable_params = param_counts(model)
 
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     branches = None
@@ -433,25 +429,16 @@ def run(args: argparse.Namespace) -> dict:
                    max_grad_norm=args.max_grad_norm, eval_fn=eval_fn, eval_steps=args.eval_steps, seed=args.seed,
                    with_tracking=args.with_tracking, project_name=f"glue_{task.name}", tracker_args=args)
 
-    eval_metrics = {k: v for k, v in result.eval_metrics.items() if not k.startswith("samples")}
-    save_final_model(accelerator, model, tokenizer, args, eval_metrics, f"glue/{task.name}", repo_id)
-    results = {f"eval_{k}": v for k, v in result.eval_metrics.items()}
+    results = run_results(accelerator, result, result.eval_metrics, total_params, trainable_params, dense_params,
+                          len(processed["train"]), wall_start)
     results.update({
         "task": task.name, "inherited": inher_config is not None, "kd": use_kd,
         "distill_method": args.distill_method if use_kd else None,
         "student_layers": model.config.num_hidden_layers if is_student else None,
         "training_only_params": sum(p.numel() for p in branches.parameters()) if branches is not None else 0,
-        "eval_history": result.eval_history,
-        "train_loss": result.train_loss, "train_steps": result.completed_steps, "epoch": result.epoch,
-        "train_samples": len(processed["train"]), "train_runtime": round(result.train_runtime, 3),
-        "trainable_params": trainable_params, "total_params": total_params, "dense_params": dense_params,
-        "params_ratio": total_params / dense_params, "resumed_from": result.resumed_from,
-        "num_processes": accelerator.num_processes, "wall_time": round(time.perf_counter() - wall_start, 3),
     })
-    if accelerator.is_main_process:
-        write_results(Path(args.output_dir) / "all_results.json", results)
-    accelerator.print(f"results: {results}")
-    accelerator.end_training()  # finishes the trackers, destroys the process group
+    card_metrics = {k: v for k, v in result.eval_metrics.items() if not k.startswith("samples")}
+    finish_run(accelerator, args, model, tokenizer, results, card_metrics, f"glue/{task.name}", repo_id)
     return results
 
 

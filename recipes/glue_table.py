@@ -23,6 +23,15 @@ RECIPE = Path(__file__).resolve().parent / "glue.py"
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
 
 
+def add_launch_args(parser: argparse.ArgumentParser) -> None:
+    """--launcher and --overwrite, shared by the table recipes (glue_table, gsm8k_table, compare)."""
+    parser.add_argument("--launcher", default=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 "
+                        f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
+                        f"{os.cpu_count()}",  # accelerate's default is 1 thread per process
+                        help="Command prefix that launches the recipe (accelerate launch ...).")
+    parser.add_argument("--overwrite", action="store_true", help="Redo runs whose all_results.json exists.")
+
+
 def run(command: list[str], output_dir: Path, overwrite: bool) -> dict:
     results = output_dir / "all_results.json"
     if overwrite or not results.is_file():
@@ -48,11 +57,7 @@ def main() -> None:
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--launcher", default=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 "
-                        f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
-                        f"{os.cpu_count()}",  # accelerate's default is 1 thread per process
-                        help="Command prefix that launches the recipe (accelerate launch ...).")
-    parser.add_argument("--overwrite", action="store_true")
+    add_launch_args(parser)
     args = parser.parse_args()
     model = args.model_name_or_path or minilm_path()
     root = Path(args.output_root)

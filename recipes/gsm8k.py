@@ -42,8 +42,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited models load)
 from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
                                   add_training_args, build_accelerator, build_optimizer, check_common_args,
-                                  create_hub_repo, inher_config_from_args, inherit_model, prepare_training,
-                                  resolve_checkpoint, save_final_model, train, write_results)
+                                  create_hub_repo, finish_run, inher_config_from_args, inherit_for_training,
+                                  param_counts, prepare_training, resolve_checkpoint, run_results, train)
 
 HUB_DATASET, HUB_CONFIG = "openai/gsm8k", "main"
 IGNORE_INDEX = -100
@@ -379,12 +379,8 @@ def run(args: argparse.Namespace) -> dict:
 
     dense_params = model.num_parameters()
     if inher_config is not None:
-        calibration = DataLoader(processed["train"], collate_fn=collator, batch_size=args.per_device_train_batch_size)
-        model = inherit_model(model, inher_config, calibration, args.inher_calibration_samples,
-                              progressbar=accelerator.is_local_main_process)
-        accelerator.print(model.report())
-    total_params = sum(p.numel() for p in model.parameters())
-    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = inherit_for_training(accelerator, model, inher_config, processed["train"], collator, args)
+    total_params, trainable_params = param_counts(model)
 
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     model, optimizer, train_dataloader, eval_dataloaders, lr_scheduler, plan = prepare_training(
@@ -400,7 +396,8 @@ def run(args: argparse.Namespace) -> dict:
                    checkpointing_steps=args.checkpointing_steps, resume_from_checkpoint=resume_path,
                    max_grad_norm=args.max_grad_norm, eval_fn=lambda: answer_nll(accelerator, model,
                                                                                 eval_dataloaders["test"]),
-                   seed=args.seed, with_tracking=args.with_tracking, project_name="gsm8k", tracker_args=args)
+                   eval_steps=args.eval_steps, seed=args.seed, with_tracking=args.with_tracking, project_name="gsm8k",
+                   tracker_args=args)
 
     generation_start = time.perf_counter()
     count = len(raw["test"]) if args.max_generation_samples is None else min(args.max_generation_samples,
@@ -418,21 +415,12 @@ def run(args: argparse.Namespace) -> dict:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
+    results = run_results(accelerator, result, metrics, total_params, trainable_params, dense_params,
+                          len(processed["train"]), wall_start)
+    results.update({"inherited": inher_config is not None, "kd": use_kd,
+                    "generation_runtime": round(generation_time, 3)})
     card_metrics = {k: metrics[k] for k in ("answer_nll", "answer_perplexity", "exact_match")}
-    results = {f"eval_{k}": v for k, v in metrics.items()}
-    results.update({
-        "inherited": inher_config is not None, "kd": use_kd, "train_loss": result.train_loss,
-        "train_steps": result.completed_steps, "epoch": result.epoch, "train_samples": len(processed["train"]),
-        "train_runtime": round(result.train_runtime, 3), "generation_runtime": round(generation_time, 3),
-        "trainable_params": trainable_params, "total_params": total_params, "dense_params": dense_params,
-        "params_ratio": total_params / dense_params, "resumed_from": result.resumed_from,
-        "num_processes": accelerator.num_processes, "wall_time": round(time.perf_counter() - wall_start, 3),
-    })
-    if accelerator.is_main_process:  # before the (slow) save: a failed save keeps the measurements
-        write_results(Path(args.output_dir) / "all_results.json", results)
-    save_final_model(accelerator, model, tokenizer, args, card_metrics, f"{HUB_DATASET}/{HUB_CONFIG}", repo_id)
-    accelerator.print(f"results: {results}")
-    accelerator.end_training()
+    finish_run(accelerator, args, model, tokenizer, results, card_metrics, f"{HUB_DATASET}/{HUB_CONFIG}", repo_id)
     return results
 
 

@@ -11,14 +11,12 @@ the dense model it inherits from. A run whose all_results.json exists is reused 
 
 import argparse
 import json
-import os
 import shlex
-import sys
 from pathlib import Path
 
-from glue_table import run  # recipes/ is on sys.path when this file runs as a script
+from glue_table import add_launch_args, run  # recipes/ is on sys.path when this file runs as a script
 
-from inhernet_hf.offline_models import smollm2_path
+from inhernet_hf.offline_models import model_or_smollm2
 
 RECIPE = Path(__file__).resolve().parent / "gsm8k.py"
 
@@ -43,13 +41,9 @@ def main() -> None:
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--launcher", default=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 "
-                        f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
-                        f"{os.cpu_count()}",  # accelerate's default is 1 thread per process
-                        help="Command prefix that launches the recipe (accelerate launch ...).")
-    parser.add_argument("--overwrite", action="store_true")
+    add_launch_args(parser)
     args = parser.parse_args()
-    model, gguf = (args.model_name_or_path, args.gguf_file) if args.model_name_or_path else smollm2_path()
+    model, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
     root = Path(args.output_root)
     common = ["--model_name_or_path", model, "--per_device_train_batch_size", str(args.per_device_train_batch_size),
               "--per_device_eval_batch_size", "8", "--num_train_epochs", str(args.num_train_epochs),

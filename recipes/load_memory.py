@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from inhernet_hf import InherConfig, get_inher_model
-from inhernet_hf.offline_models import smollm2_path
+from inhernet_hf.offline_models import model_or_smollm2
 
 LOADERS = {
     "AutoModelForCausalLM": "from transformers import AutoModelForCausalLM as L; load = L.from_pretrained",
@@ -64,9 +64,7 @@ def main() -> None:
     parser.add_argument("--num_heads", type=int, default=2)
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args()
-    path, gguf = args.model_name_or_path, args.gguf_file
-    if path is None:
-        path, gguf = smollm2_path()
+    path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
 
     rows = []
     with tempfile.TemporaryDirectory() as work:

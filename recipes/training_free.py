@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inhernet_hf import InherConfig, get_inher_model
 from inhernet_hf.calibration import sample_windows
-from inhernet_hf.offline_models import smollm2_path
+from inhernet_hf.offline_models import model_or_smollm2
 
 
 
@@ -98,9 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args()
-    path, gguf = args.model_name_or_path, args.gguf_file
-    if path is None:
-        path, gguf = smollm2_path()
+    path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
 
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     dense = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)

@@ -10,7 +10,8 @@ from torch import nn
 from inhernet_hf import InherConfig, get_inher_model
 from inhernet_hf.distill import (HCDBranches, HCDLoss, HKTLoss, genetic_mixture, hcd_loss, hkt_loss,
                                  orthogonality_loss, stage_ends)
-from inhernet_hf.students import evenly_spaced_layers, layer_student, matched_target_ratio
+from inhernet_hf.students import (evenly_spaced_layers, layer_student, layer_student_param_count,
+                                  matched_target_ratio)
 from reference import minilm_path
 
 
@@ -219,6 +220,8 @@ def test_matched_target_ratio_gives_the_students_size(minilm_classifier):
     import copy
 
     student_params = sum(p.numel() for p in layer_student(minilm_classifier, 3).parameters())
+    assert layer_student_param_count(minilm_classifier, 3) == student_params
+    assert layer_student_param_count(minilm_classifier, 6) == sum(p.numel() for p in minilm_classifier.parameters())
     config = InherConfig(target_ratio=0.5, num_heads=2, task_type="SEQ_CLS")
     ratio = matched_target_ratio(minilm_classifier, student_params, config)
     inherited = get_inher_model(copy.deepcopy(minilm_classifier),
