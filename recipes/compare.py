@@ -1,6 +1,7 @@
 """Does an inherited network beat a student of the same size? One command trains every method on equal terms (same
 data, steps, optimiser, learning rate and seeds; InherNet matched to the student's total parameter count) through
-`recipes/glue.py` and writes a table (markdown + JSON) and a bar chart with error bars.
+`recipes/glue.py` and writes a table (markdown + JSON) and a bar chart with error bars (PNG, and as text in
+compare.md).
 
     python recipes/compare.py --task_name sst2 --teacher_name_or_path out/glue/sst2/teacher \\
         --data_dir ../shared/data/glue --student_layers 3 --seeds 1 2 3 --output_dir out/compare/sst2
@@ -113,6 +114,23 @@ def plot(rows: list[dict], metric: str, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def text_chart(rows: list[dict], width: int = 40) -> str:
+    """The bar chart as text, for READMEs: bars on a scale from the lowest mean - std to the highest mean + std,
+    each ending at the mean, with `├` and `┤` at mean - std and mean + std."""
+    low = min(r["mean"] - r["std"] for r in rows)
+    high = max(r["mean"] + r["std"] for r in rows)
+    column = lambda value: round((value - low) / ((high - low) or 1.0) * width)  # noqa: E731
+    label_width = max(len(r["label"]) for r in rows)
+    lines = [f"{'':{label_width}}  {low:.4f}{high:>{width - 5}.4f}"]
+    for r in rows:
+        end, lo, hi = column(r["mean"]), column(r["mean"] - r["std"]), column(r["mean"] + r["std"])
+        bar = ["█"] * end + ["─"] * (hi - end) + [" "] * (width + 1 - hi)
+        if hi > lo:
+            bar[lo], bar[hi] = "├", "┤"
+        lines.append(f"{r['label']:{label_width}}  {''.join(bar)} {r['mean']:.4f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
     task = GLUE_TASKS[args.task_name]
@@ -162,8 +180,10 @@ def main() -> None:
                      f"{early} |")
     table = "\n".join(lines)
     print("\n" + table)
+    chart = text_chart(rows)
+    print("\n" + chart)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "compare.md").write_text(table + "\n")
+    (root / "compare.md").write_text(f"{table}\n\n```\n{chart}\n```\n")
     (root / "compare.json").write_text(json.dumps({"task": task.name, "metric": metric, "student_layers": layers,
                                                    "target_ratio": ratio, "total_steps": total_steps,
                                                    "rows": rows, "commands": commands}, indent=2))

@@ -41,7 +41,10 @@ def results(output_dir) -> dict:
 
 
 def load_recipe(recipe: str):
-    """recipes/<recipe>.py as a module (registered in sys.modules: its dataclasses need it)."""
+    """recipes/<recipe>.py as a module (registered in sys.modules: its dataclasses need it). recipes/ goes on
+    sys.path, as when a recipe runs as a script, for the recipes that import each other."""
+    if str(RECIPES) not in sys.path:
+        sys.path.append(str(RECIPES))
     name = f"{recipe}_recipe"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, RECIPES / f"{recipe}.py")

@@ -194,7 +194,17 @@ def test_compare_students_and_inhernet_at_equal_size(teacher, tmp_path):
         keys = list(f.keys())
     assert not any("projector" in k or "mapper" in k for k in keys)
     assert max(int(k.split(".")[3]) for k in keys if k.startswith("bert.encoder.layer.")) == 2
-    assert (tmp_path / "compare.md").read_text().count("\n") == 5 and (tmp_path / "compare.png").stat().st_size > 0
+    table, chart = (tmp_path / "compare.md").read_text().split("\n\n")
+    assert table.count("\n") == 4 and chart.count("\n") == 6 and (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_compare_text_chart():
+    """Bars end at the mean on a scale from the lowest mean - std to the highest mean + std; ├ ┤ mark mean ± std."""
+    chart = load_recipe_file("compare").text_chart([{"label": "a", "mean": 0.5, "std": 0.1},
+                                                    {"label": "bb", "mean": 0.8, "std": 0.0}], width=20)
+    assert chart.split("\n") == ["    0.4000         0.8000",
+                                  "a   ├████─────┤           0.5000",
+                                  "bb  ████████████████████  0.8000"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
