@@ -7,10 +7,11 @@ compare.md).
         --data_dir ../shared/data/glue --student_layers 3 --seeds 1 2 3 --output_dir out/compare/sst2
 
 Methods (--methods, default all): teacher (evaluated only); student (CE), student_kd (Hinton), student_hkt,
-student_hcd; lowrank (1 head, no gate, SVD init); inher, inher_kd; ablations inher_no_svd (random init),
-inher_no_gate, inher_symmetric. Budget: --student_layers N (InherNet gets the student's parameter count), or
---target_ratio R (the student gets the layer count closest to InherNet's size). Columns: score (mean +- std over
-seeds), parameters, train time, and the score after 25% of the steps (convergence). Finished runs are reused.
+student_hcd; lowrank (1 head, no gate, SVD init); inher, inher_kd; inher_whitened (activation-aware init and rank
+allocation from 128 training examples, no KD); ablations inher_no_svd (random init), inher_no_gate, inher_symmetric.
+Budget: --student_layers N (InherNet gets the student's parameter count), or --target_ratio R (the student gets the
+layer count closest to InherNet's size). Columns: score (mean +- std over seeds), parameters, train time, and the
+score after 25% of the steps (convergence). Finished runs are reused.
 """
 
 import argparse
@@ -28,13 +29,16 @@ STUDENT_METHODS = {"student": ["--kd_alpha", "0"], "student_kd": [], "student_hk
                    "student_hcd": ["--distill_method", "hcd"]}
 INHER_METHODS = {"lowrank": ["--inher_num_heads", "1", "--inher_gate", "none", "--kd_alpha", "0"],
                  "inher": ["--kd_alpha", "0"], "inher_kd": [],
+                 "inher_whitened": ["--inher_init", "whitened", "--inher_rank_allocation", "activation",
+                                    "--kd_alpha", "0"],
                  "inher_no_svd": ["--inher_init", "random", "--kd_alpha", "0"],
                  "inher_no_gate": ["--inher_gate", "none", "--kd_alpha", "0"],
                  "inher_symmetric": ["--inher_structure", "symmetric", "--kd_alpha", "0"]}
 METHODS = ["teacher", *STUDENT_METHODS, *INHER_METHODS]
 LABELS = {"teacher": "teacher", "student": "student (CE)", "student_kd": "student + KD",
           "student_hkt": "student + HKT", "student_hcd": "student + HCD", "lowrank": "plain low-rank (SVD, 1 head)",
-          "inher": "InherNet", "inher_kd": "InherNet + KD", "inher_no_svd": "InherNet w/o SVD init",
+          "inher": "InherNet", "inher_kd": "InherNet + KD",
+          "inher_whitened": "InherNet, whitened init + activation ranks", "inher_no_svd": "InherNet w/o SVD init",
           "inher_no_gate": "InherNet w/o gate", "inher_symmetric": "InherNet symmetric"}
 
 
