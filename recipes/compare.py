@@ -22,9 +22,8 @@ import statistics
 from pathlib import Path
 
 from glue import GLUE_TASKS, load_glue  # recipes/ is on sys.path when this file runs as a script
-from glue_table import MAIN_METRIC, add_launch_args, run
+from glue_table import MAIN_METRIC, RECIPE, add_launch_args, run
 
-RECIPE = Path(__file__).resolve().parent / "glue.py"
 STUDENT_METHODS = {"student": ["--kd_alpha", "0"], "student_kd": [], "student_hkt": ["--distill_method", "hkt"],
                    "student_hcd": ["--distill_method", "hcd"]}
 INHER_METHODS = {"lowrank": ["--inher_num_heads", "1", "--inher_gate", "none", "--kd_alpha", "0"],
