@@ -7,7 +7,8 @@
 For every variant (target_ratio x num_heads) the dense model and the variants run interleaved in each repetition,
 and each figure is the median over repetitions of the variant's time divided by dense's in the same repetition.
 Prefill: a forward pass over `--prefill_batch_sizes` x `--seq_len` tokens. Decode (causal LMs): greedy tokens/s at
-batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N. "FLOP bound" is dense FLOPs / inherited FLOPs of
+batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N; compiled, decode runs generate()'s own compiled
+decoding step over a static cache (on CPU too). "FLOP bound" is dense FLOPs / inherited FLOPs of
 one prefill forward (torch.utils.flop_counter), the speedup a perfect implementation would reach; "of bound" is the
 measured prefill speedup divided by it. Peak memory: CUDA max allocated, or on CPU the growth of the resident set
 (VmHWM, reset through /proc/self/clear_refs) during one prefill forward, weights included.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, CompileConfig
 
 from inhernet_hf import InherConfig, get_inher_model
 from inhernet_hf.offline_models import minilm_path, smollm2_path
@@ -73,6 +74,18 @@ def peak_memory(model, batch: torch.Tensor, device: str) -> int:
         return weights + _vm("VmHWM") - before
 
 
+def greedy(model, prompt: torch.Tensor, new_tokens: int, compiled: bool):
+    """Greedy generation of exactly `new_tokens` tokens; compiled: a static KV cache and generate()'s compiled
+    decoding step (transformers compiles it on CUDA by itself; `_compile_all_devices` asks for it on CPU too)."""
+    kwargs = {}
+    if compiled:
+        config = CompileConfig(mode="reduce-overhead" if prompt.is_cuda else "default")
+        config._compile_all_devices = True
+        kwargs = {"cache_implementation": "static", "compile_config": config}
+    return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0, **kwargs)
+
+
 def prefill_flops(model, batch: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=batch)
@@ -113,11 +126,15 @@ def main() -> None:
 
     rows = []
     for compiled in modes:
-        runners = {name: (torch.compile(model) if compiled else model) for name, (model, _) in variants.items()}
+        runners = {name: torch.compile(model, dynamic=False) if compiled else model  # fixed shapes: no dynamic kernels
+                   for name, (model, _) in variants.items()}
         with torch.no_grad():
             for runner in tqdm(runners.values(), desc="Warm-up" + (" and compile" if compiled else "")):
                 for batch in batches.values():
                     runner(input_ids=batch)
+            if causal:  # compiles the decoding step when `compiled`
+                for model, _ in tqdm(variants.values(), desc="Decode warm-up"):
+                    greedy(model, prompt, args.decode_tokens + 1, compiled)
             times = {name: {key: [] for key in [f"prefill_b{b}" for b in batches] + ["decode"]} for name in runners}
             for _ in tqdm(range(args.repeats), desc="Repetitions"):
                 for name, runner in runners.items():  # interleaved: every variant once per repetition
@@ -125,10 +142,8 @@ def main() -> None:
                         times[name][f"prefill_b{b}"].append(timed(lambda: runner(input_ids=batch), args.device))
                     if causal:
                         model = variants[name][0]
-                        gen = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                       pad_token_id=0)
-                        t1 = timed(lambda: gen(1), args.device)
-                        tn = timed(lambda: gen(args.decode_tokens + 1), args.device)
+                        t1 = timed(lambda: greedy(model, prompt, 1, compiled), args.device)
+                        tn = timed(lambda: greedy(model, prompt, args.decode_tokens + 1, compiled), args.device)
                         times[name]["decode"].append((tn - t1) / args.decode_tokens)
         flop_batch = batches[min(batches)]
         dense_flops = prefill_flops(variants["dense"][0], flop_batch)

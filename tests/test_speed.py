@@ -1,5 +1,6 @@
 """Speed paths: torch.compile gives the same outputs as eager, and the speed recipe runs end to end (CI-sized)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,27 @@ def test_speed_recipe_prints_ratios_to_dense(tmp_path):
                           "--heads", "2", "--repeats", "1", "--seq_len", "32", "--prefill_batch_sizes", "1", "2",
                           "--output_json", str(tmp_path / "speed.json")], capture_output=True, text=True, check=True)
     assert "| r0.5-M2 | no | 0.50" in out.stdout and "FLOP bound" in out.stdout
-    import json
-
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
     dense, inherited = rows
     assert dense["flop_bound"] == 1.0 and inherited["flop_bound"] > 1.3  # half the targeted FLOPs
     assert inherited["params"] < dense["params"]
+
+
+def test_speed_recipe_compiles_prefill_and_decode(tmp_path):
+    """--compile both on a tiny causal LM: eager and compiled rows, each with prefill and decode ratios to dense."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    subprocess.run([sys.executable, str(RECIPES / "speed.py"), "--model", str(tmp_path / "llama"), "--ratios", "0.5",
+                    "--heads", "2", "--repeats", "1", "--seq_len", "16", "--prefill_batch_sizes", "2",
+                    "--decode_tokens", "3", "--compile", "both", "--output_json", str(tmp_path / "speed.json")],
+                   capture_output=True, text=True, check=True)
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [(r["variant"], r["compiled"]) for r in rows] == [
+        ("dense", False), ("r0.5-M2", False), ("dense", True), ("r0.5-M2", True)]
+    for row in rows:  # timings of a 2-layer model are noise (a decode estimate can even be negative): only presence
+        assert {"decode_s", "decode_speedup", "prefill_b2_s", "prefill_b2_speedup"} <= row.keys()
+        if row["variant"] == "dense":  # each ratio is taken against dense of the same repetition and mode
+            assert row["decode_speedup"] == row["prefill_b2_speedup"] == 1.0
