@@ -32,6 +32,20 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Redo runs whose all_results.json exists.")
 
 
+def add_init_args(parser: argparse.ArgumentParser, default_init: str) -> None:
+    """--init and --rank_allocation of the InherNet runs, shared by the table recipes (glue_table, gsm8k_table)."""
+    parser.add_argument("--init", default=default_init, help="--inher_init of the InherNet runs.")
+    parser.add_argument("--rank_allocation", default=None, help="--inher_rank_allocation of the InherNet runs.")
+
+
+def init_flags(args: argparse.Namespace) -> list[str]:
+    """The recipe flags that add_init_args' options stand for."""
+    flags = ["--inher_init", args.init]
+    if args.rank_allocation:
+        flags += ["--inher_rank_allocation", args.rank_allocation]
+    return flags
+
+
 def run(command: list[str], output_dir: Path, overwrite: bool) -> dict:
     results = output_dir / "all_results.json"
     if overwrite or not results.is_file():
@@ -54,8 +68,7 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--target_ratio", type=float, default=0.5)
     parser.add_argument("--num_heads", type=int, default=2)
-    parser.add_argument("--init", default="svd", help="--inher_init of the InherNet runs.")
-    parser.add_argument("--rank_allocation", default=None, help="--inher_rank_allocation of the InherNet runs.")
+    add_init_args(parser, default_init="svd")
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=42)
@@ -78,10 +91,8 @@ def main() -> None:
         runs = {"teacher": (teacher_dir, ["--model_name_or_path", model, "--no_inher",
                                           "--learning_rate", str(args.teacher_learning_rate)])}
         student = ["--model_name_or_path", str(teacher_dir), "--inher_target_ratio", str(args.target_ratio),
-                   "--inher_num_heads", str(args.num_heads), "--inher_init", args.init,
+                   "--inher_num_heads", str(args.num_heads)] + init_flags(args) + [
                    "--learning_rate", str(args.student_learning_rate)]
-        if args.rank_allocation:
-            student += ["--inher_rank_allocation", args.rank_allocation]
         runs["InherNet"] = (root / task / "inher", student + ["--kd_alpha", "0"])
         runs["InherNet + KD"] = (root / task / "inher_kd", student + ["--kd_alpha", str(args.kd_alpha),
                                                                          "--kd_temperature", str(args.kd_temperature)])

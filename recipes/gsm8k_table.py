@@ -14,7 +14,8 @@ import json
 import shlex
 from pathlib import Path
 
-from glue_table import add_launch_args, run  # recipes/ is on sys.path when this file runs as a script
+# recipes/ is on sys.path when this file runs as a script
+from glue_table import add_init_args, add_launch_args, init_flags, run
 
 from inhernet_hf.offline_models import model_or_smollm2
 
@@ -38,8 +39,7 @@ def main() -> None:
     parser.add_argument("--target_ratios", type=float, nargs="+", default=[0.8, 0.6])
     parser.add_argument("--num_heads", type=int, default=2)
     parser.add_argument("--calibration_samples", type=int, default=64)
-    parser.add_argument("--init", default="whitened", help="--inher_init of the InherNet runs.")
-    parser.add_argument("--rank_allocation", default=None, help="--inher_rank_allocation of the InherNet runs.")
+    add_init_args(parser, default_init="whitened")
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=42)
@@ -56,11 +56,9 @@ def main() -> None:
             common += [f"--{flag}", str(value)]
     runs = {"dense fine-tune": (root / "dense", ["--no_inher", "--learning_rate", str(args.dense_learning_rate)])}
     for ratio in args.target_ratios:
-        inher = ["--inher_target_ratio", str(ratio), "--inher_num_heads", str(args.num_heads), "--inher_init",
-                 args.init, "--inher_calibration_samples", str(args.calibration_samples),
+        inher = ["--inher_target_ratio", str(ratio), "--inher_num_heads", str(args.num_heads)] + init_flags(args) + [
+                 "--inher_calibration_samples", str(args.calibration_samples),
                  "--learning_rate", str(args.inher_learning_rate)]
-        if args.rank_allocation:
-            inher += ["--inher_rank_allocation", args.rank_allocation]
         runs[f"InherNet {ratio}"] = (root / f"inher_{ratio}", inher + ["--kd_alpha", "0"])
         runs[f"InherNet {ratio} + KD"] = (root / f"inher_{ratio}_kd", inher + [
             "--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)])
