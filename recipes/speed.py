@@ -21,6 +21,7 @@ import re
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -74,14 +75,18 @@ def peak_memory(model, batch: torch.Tensor, device: str) -> int:
         return weights + _vm("VmHWM") - before
 
 
-def greedy(model, prompt: torch.Tensor, new_tokens: int, compiled: bool):
-    """Greedy generation of exactly `new_tokens` tokens; compiled: a static KV cache and generate()'s compiled
-    decoding step (transformers compiles it on CUDA by itself; `_compile_all_devices` asks for it on CPU too)."""
-    kwargs = {}
-    if compiled:
-        config = CompileConfig(mode="reduce-overhead" if prompt.is_cuda else "default")
-        config._compile_all_devices = True
-        kwargs = {"cache_implementation": "static", "compile_config": config}
+def decode_compile_config(device: str) -> CompileConfig:
+    """generate()'s compilation of the decoding step: transformers does it by itself on CUDA; `_compile_all_devices`
+    asks for it on CPU too (where CUDA graphs, "reduce-overhead", do not exist)."""
+    config = CompileConfig(mode="reduce-overhead" if device.startswith("cuda") else "default")
+    config._compile_all_devices = True
+    return config
+
+
+def greedy(model, prompt: torch.Tensor, new_tokens: int, compile_config: Optional[CompileConfig]):
+    """Greedy generation of exactly `new_tokens` tokens; with `compile_config`, over a static KV cache with
+    generate()'s compiled decoding step."""
+    kwargs = {} if compile_config is None else {"cache_implementation": "static", "compile_config": compile_config}
     return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           pad_token_id=0, **kwargs)
 
@@ -128,13 +133,14 @@ def main() -> None:
     for compiled in modes:
         runners = {name: torch.compile(model, dynamic=False) if compiled else model  # fixed shapes: no dynamic kernels
                    for name, (model, _) in variants.items()}
+        decode_config = decode_compile_config(args.device) if compiled else None
         with torch.no_grad():
             for runner in tqdm(runners.values(), desc="Warm-up" + (" and compile" if compiled else "")):
                 for batch in batches.values():
                     runner(input_ids=batch)
-            if causal:  # compiles the decoding step when `compiled`
+            if causal:  # compiles the decoding step when `decode_config` is set
                 for model, _ in tqdm(variants.values(), desc="Decode warm-up"):
-                    greedy(model, prompt, args.decode_tokens + 1, compiled)
+                    greedy(model, prompt, args.decode_tokens + 1, decode_config)
             times = {name: {key: [] for key in [f"prefill_b{b}" for b in batches] + ["decode"]} for name in runners}
             for _ in tqdm(range(args.repeats), desc="Repetitions"):
                 for name, runner in runners.items():  # interleaved: every variant once per repetition
@@ -142,8 +148,8 @@ def main() -> None:
                         times[name][f"prefill_b{b}"].append(timed(lambda: runner(input_ids=batch), args.device))
                     if causal:
                         model = variants[name][0]
-                        t1 = timed(lambda: greedy(model, prompt, 1, compiled), args.device)
-                        tn = timed(lambda: greedy(model, prompt, args.decode_tokens + 1, compiled), args.device)
+                        t1 = timed(lambda: greedy(model, prompt, 1, decode_config), args.device)
+                        tn = timed(lambda: greedy(model, prompt, args.decode_tokens + 1, decode_config), args.device)
                         times[name]["decode"].append((tn - t1) / args.decode_tokens)
         flop_batch = batches[min(batches)]
         dense_flops = prefill_flops(variants["dense"][0], flop_batch)
