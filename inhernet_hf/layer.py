@@ -165,8 +165,9 @@ class InherLinear(nn.Module):
         if self.inher_gate is None:
             return torch.full((self.num_heads,), 1.0 / self.num_heads, dtype=h.dtype, device=h.device)
         logits = self.inher_gate(h if self.gate_input == "latent" else x)
-        # softmax in at least float32 (half-precision logits lose the sum-to-one property)
-        return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(h.dtype)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision softmax loses the sum-to-one property
+            return torch.softmax(logits, dim=-1, dtype=torch.float32).to(h.dtype)
+        return torch.softmax(logits, dim=-1)  # (one op: decode at batch 1 pays per op, ~210 layers per token)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inher_down(x)

@@ -9,8 +9,9 @@ and each figure is the median over repetitions of the variant's time divided by 
 Prefill: a forward pass over `--prefill_batch_sizes` x `--seq_len` tokens. Decode (causal LMs): greedy tokens/s at
 batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N; compiled, decode runs generate()'s own compiled
 decoding step over a static cache (on CPU too). "FLOP bound" is dense FLOPs / inherited FLOPs of
-one prefill forward (torch.utils.flop_counter), the speedup a perfect implementation would reach; "of bound" is the
-measured prefill speedup divided by it. Peak memory: CUDA max allocated, or on CPU the growth of the resident set
+one prefill forward (torch.utils.flop_counter, with attention counted as the (query, key) pairs it computes: causal
+attention half of them, and the CPU flash kernel, which torch's counter skips, included), the speedup a perfect
+implementation would reach; "of bound" is the measured prefill speedup divided by it. Peak memory: CUDA max allocated, or on CPU the growth of the resident set
 (VmHWM, reset through /proc/self/clear_refs) during one prefill forward, weights included.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig
 
@@ -91,9 +92,34 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, compile_config: Optiona
                           pad_token_id=0, **kwargs)
 
 
-def prefill_flops(model, batch: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids=batch)
+# position of `is_causal` in each fused attention kernel's schema (query, key, value are 0-2)
+SDPA_IS_CAUSAL_ARG = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: 4,
+    torch.ops.aten._scaled_dot_product_flash_attention: 4,
+    torch.ops.aten._scaled_dot_product_efficient_attention: 6,
+    torch.ops.aten._scaled_dot_product_cudnn_attention: 6,
+}
+
+
+def attention_flop_formula(is_causal_arg: int):
+    """FlopCounterMode formula for a fused attention kernel: QK^T and PV over the (query, key) pairs it computes,
+    the top-left lower triangle when causal (torch's own formula counts every pair and has none for the CPU kernel)."""
+    def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        position = is_causal_arg - 3
+        causal = kwargs.get("is_causal", args[position] if len(args) > position else False)
+        every_pair = sdpa_flop_count(query_shape, key_shape, value_shape)
+        if not causal:
+            return every_pair
+        s_q, s_k = query_shape[2], key_shape[2]
+        return every_pair * sum(min(i + 1, s_k) for i in range(s_q)) // (s_q * s_k)
+    return flops
+
+
+def forward_flops(forward) -> int:
+    """FLOPs of `forward()` (a no-argument callable), attention counted by `attention_flop_formula`."""
+    mapping = {op: attention_flop_formula(arg) for op, arg in SDPA_IS_CAUSAL_ARG.items()}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        forward()
     return counter.get_total_flops()
 
 
@@ -102,6 +128,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'minilm' (offline) or a causal LM Hub id/folder.")
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.5, 0.4])
     parser.add_argument("--heads", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--rank_multiple", type=int, default=16,
+                        help="InherConfig.rank_multiple: 16 keeps every row of the latent h on 64-byte boundaries "
+                             "(one AVX-512 register of float32, two of bfloat16), which CPU and GPU GEMMs both favour.")
     parser.add_argument("--prefill_batch_sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--decode_tokens", type=int, default=32)
@@ -122,8 +151,8 @@ def main() -> None:
     variants = {"dense": (dense, None)}
     for ratio in args.ratios:
         for heads in args.heads:
-            inherited = get_inher_model(copy.deepcopy(dense), InherConfig(target_ratio=ratio, num_heads=heads),
-                                        progressbar=False)
+            config = InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=args.rank_multiple)
+            inherited = get_inher_model(copy.deepcopy(dense), config, progressbar=False)
             variants[f"r{ratio}-M{heads}"] = (inherited.base_model.eval(), inherited.report())
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     batches = {b: torch.randint(0, vocab, (b, args.seq_len), device=args.device) for b in args.prefill_batch_sizes}
@@ -152,12 +181,12 @@ def main() -> None:
                         tn = timed(lambda: greedy(model, prompt, args.decode_tokens + 1, decode_config), args.device)
                         times[name]["decode"].append((tn - t1) / args.decode_tokens)
         flop_batch = batches[min(batches)]
-        dense_flops = prefill_flops(variants["dense"][0], flop_batch)
+        dense_flops = forward_flops(lambda: variants["dense"][0](input_ids=flop_batch))
         for name, (model, report) in variants.items():
             row = {"variant": name, "compiled": compiled,
                    "targeted_ratio": 1.0 if report is None else report.ratio,
                    "params": sum(p.numel() for p in model.parameters()),
-                   "flop_bound": dense_flops / prefill_flops(model, flop_batch),
+                   "flop_bound": dense_flops / forward_flops(lambda: model(input_ids=flop_batch)),
                    "peak_memory_MiB": peak_memory(model, batches[max(batches)], args.device) / 2**20}
             for key, values in times[name].items():
                 if values:
