@@ -167,7 +167,7 @@ class InherLinear(nn.Module):
         logits = self.inher_gate(h if self.gate_input == "latent" else x)
         if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision softmax loses the sum-to-one property
             return torch.softmax(logits, dim=-1, dtype=torch.float32).to(h.dtype)
-        return torch.softmax(logits, dim=-1)  # (one op: decode at batch 1 pays per op, ~210 layers per token)
+        return torch.softmax(logits, dim=-1)  # one op: batch-1 decode is bound by ops per layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inher_down(x)

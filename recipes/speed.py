@@ -8,11 +8,12 @@ For every variant (target_ratio x num_heads) the dense model and the variants ru
 and each figure is the median over repetitions of the variant's time divided by dense's in the same repetition.
 Prefill: a forward pass over `--prefill_batch_sizes` x `--seq_len` tokens. Decode (causal LMs): greedy tokens/s at
 batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N; compiled, decode runs generate()'s own compiled
-decoding step over a static cache (on CPU too). "FLOP bound" is dense FLOPs / inherited FLOPs of
-one prefill forward (torch.utils.flop_counter, with attention counted as the (query, key) pairs it computes: causal
-attention half of them, and the CPU flash kernel, which torch's counter skips, included), the speedup a perfect
-implementation would reach; "of bound" is the measured prefill speedup divided by it. Peak memory: CUDA max allocated, or on CPU the growth of the resident set
-(VmHWM, reset through /proc/self/clear_refs) during one prefill forward, weights included.
+decoding step over a static cache (on CPU too). "FLOP bound" is dense FLOPs / inherited FLOPs of one prefill
+forward (torch.utils.flop_counter; attention counted over the (query, key) pairs it computes, the causal triangle
+when causal, the CPU flash kernel included), the speedup a perfect implementation would reach; "of bound" is the
+measured prefill speedup divided by it. Peak memory: CUDA max allocated, or on CPU the growth of the resident set
+(VmHWM, reset through /proc/self/clear_refs) during one prefill forward, weights included; not valid under an
+allocator that keeps freed pages (tcmalloc, jemalloc), where that growth stays near zero.
 """
 
 import argparse
