@@ -116,10 +116,12 @@ def attention_flop_formula(is_causal_arg: int):
     return flops
 
 
+ATTENTION_FLOP_FORMULAS = {op: attention_flop_formula(arg) for op, arg in SDPA_IS_CAUSAL_ARG.items()}
+
+
 def forward_flops(forward) -> int:
     """FLOPs of `forward()` (a no-argument callable), attention counted by `attention_flop_formula`."""
-    mapping = {op: attention_flop_formula(arg) for op, arg in SDPA_IS_CAUSAL_ARG.items()}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS) as counter:
         forward()
     return counter.get_total_flops()
 
@@ -158,6 +160,12 @@ def main() -> None:
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     batches = {b: torch.randint(0, vocab, (b, args.seq_len), device=args.device) for b in args.prefill_batch_sizes}
     prompt = torch.randint(0, vocab, (1, 64), device=args.device)
+    flop_batch = batches[min(batches)]  # properties of the model, the same eager or compiled
+    dense_flops = forward_flops(lambda: dense(input_ids=flop_batch))
+    facts = {name: {"targeted_ratio": 1.0 if report is None else report.ratio,
+                    "params": sum(p.numel() for p in model.parameters()),
+                    "flop_bound": dense_flops / forward_flops(lambda: model(input_ids=flop_batch))}
+             for name, (model, report) in variants.items()}
 
     rows = []
     for compiled in modes:
@@ -181,14 +189,9 @@ def main() -> None:
                         t1 = timed(lambda: greedy(model, prompt, 1, decode_config), args.device)
                         tn = timed(lambda: greedy(model, prompt, args.decode_tokens + 1, decode_config), args.device)
                         times[name]["decode"].append((tn - t1) / args.decode_tokens)
-        flop_batch = batches[min(batches)]
-        dense_flops = forward_flops(lambda: variants["dense"][0](input_ids=flop_batch))
-        for name, (model, report) in variants.items():
-            row = {"variant": name, "compiled": compiled,
-                   "targeted_ratio": 1.0 if report is None else report.ratio,
-                   "params": sum(p.numel() for p in model.parameters()),
-                   "flop_bound": dense_flops / forward_flops(lambda: model(input_ids=flop_batch)),
-                   "peak_memory_MiB": peak_memory(model, batches[max(batches)], args.device) / 2**20}
+        for name, runner in runners.items():  # peak memory of the runner: the compiled module in compiled rows
+            row = {"variant": name, "compiled": compiled, **facts[name],
+                   "peak_memory_MiB": peak_memory(runner, batches[max(batches)], args.device) / 2**20}
             for key, values in times[name].items():
                 if values:
                     row[f"{key}_speedup"] = statistics.median(
