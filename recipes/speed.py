@@ -4,8 +4,9 @@
     python recipes/speed.py --model minilm --ratios 0.5 --heads 2
     python recipes/speed.py --device cuda --dtype bfloat16 --compile both
 
-For every variant (target_ratio x num_heads) the dense model and the variants run interleaved in each repetition,
-and each figure is the median over repetitions of the variant's time divided by dense's in the same repetition.
+For every variant (target_ratio x num_heads) and measurement, each repetition times dense and the variant back to
+back (dense first in even repetitions, second in odd ones), and each figure is the median over repetitions of dense's
+time divided by the variant's in the same pair; dense's own times are the median over all its pairs.
 Prefill: a forward pass over `--prefill_batch_sizes` x `--seq_len` tokens. Decode (causal LMs): greedy tokens/s at
 batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N; compiled, decode runs generate()'s own compiled
 decoding step over a static cache (on CPU too). "FLOP bound" is dense FLOPs / inherited FLOPs of one prefill
@@ -126,6 +127,20 @@ def forward_flops(forward) -> int:
     return counter.get_total_flops()
 
 
+def paired_timings(measure, names: list, keys: list, repeats: int) -> dict:
+    """Each variant timed right next to dense: in every repetition, for every variant and key, `measure("dense", key)`
+    and `measure(name, key)` run back to back, dense first in even repetitions and second in odd ones (a steady drift
+    of the machine's speed cancels). Returns {name: {key: [(dense seconds, variant seconds), ...]}}."""
+    pairs = {name: {key: [] for key in keys} for name in names}
+    for repetition in tqdm(range(repeats), desc="Repetitions"):
+        for name in names:
+            for key in keys:
+                order = ["dense", name] if repetition % 2 == 0 else [name, "dense"]
+                seconds = {who: measure(who, key) for who in order}
+                pairs[name][key].append((seconds["dense"], seconds[name]))
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'minilm' (offline) or a causal LM Hub id/folder.")
@@ -166,6 +181,7 @@ def main() -> None:
                     "params": sum(p.numel() for p in model.parameters()),
                     "flop_bound": dense_flops / forward_flops(lambda: model(input_ids=flop_batch))}
              for name, (model, report) in variants.items()}
+    keys = [f"prefill_b{b}" for b in batches] + (["decode"] if causal else [])
 
     rows = []
     for compiled in modes:
@@ -179,29 +195,31 @@ def main() -> None:
             if causal:  # compiles the decoding step when `decode_config` is set
                 for model, _ in tqdm(variants.values(), desc="Decode warm-up"):
                     greedy(model, prompt, args.decode_tokens + 1, decode_config)
-            times = {name: {key: [] for key in [f"prefill_b{b}" for b in batches] + ["decode"]} for name in runners}
-            for _ in tqdm(range(args.repeats), desc="Repetitions"):
-                for name, runner in runners.items():  # interleaved: every variant once per repetition
-                    for b, batch in batches.items():
-                        times[name][f"prefill_b{b}"].append(timed(lambda: runner(input_ids=batch), args.device))
-                    if causal:
-                        model = variants[name][0]
-                        t1 = timed(lambda: greedy(model, prompt, 1, decode_config), args.device)
-                        tn = timed(lambda: greedy(model, prompt, args.decode_tokens + 1, decode_config), args.device)
-                        times[name]["decode"].append((tn - t1) / args.decode_tokens)
+
+            def measure(name: str, key: str) -> float:
+                if key == "decode":  # time per new token, the prompt's prefill and the first token subtracted
+                    model = variants[name][0]
+                    t1 = timed(lambda: greedy(model, prompt, 1, decode_config), args.device)
+                    tn = timed(lambda: greedy(model, prompt, args.decode_tokens + 1, decode_config), args.device)
+                    return (tn - t1) / args.decode_tokens
+                batch = batches[int(key.removeprefix("prefill_b"))]
+                return timed(lambda: runners[name](input_ids=batch), args.device)
+
+            pairs = paired_timings(measure, [name for name in variants if name != "dense"], keys, args.repeats)
+        dense_times = {key: [d for name in pairs for d, _ in pairs[name][key]] for key in keys}
         for name, runner in runners.items():  # peak memory of the runner: the compiled module in compiled rows
             row = {"variant": name, "compiled": compiled, **facts[name],
                    "peak_memory_MiB": peak_memory(runner, batches[max(batches)], args.device) / 2**20}
-            for key, values in times[name].items():
-                if values:
-                    row[f"{key}_speedup"] = statistics.median(
-                        d / v for d, v in zip(times["dense"][key], values))
-                    row[f"{key}_s"] = statistics.median(values)
+            for key in keys:
+                if name == "dense":
+                    row[f"{key}_speedup"], row[f"{key}_s"] = 1.0, statistics.median(dense_times[key])
+                else:
+                    row[f"{key}_speedup"] = statistics.median(d / v for d, v in pairs[name][key])
+                    row[f"{key}_s"] = statistics.median(v for _, v in pairs[name][key])
             rows.append(row)
 
-    keys = [f"prefill_b{b}" for b in batches] + (["decode"] if causal else [])
-    print(f"\n{args.model} on {args.device} ({dtype}), seq_len {args.seq_len}, median of {args.repeats} interleaved runs; "
-          f"speedup = dense time / variant time in the same repetition")
+    print(f"\n{args.model} on {args.device} ({dtype}), seq_len {args.seq_len}, median of {args.repeats} repetitions; "
+          f"speedup = dense time / variant time, the two timed back to back")
     print("| variant | compiled | targeted ratio | params | FLOP bound | " +
           " | ".join(f"{k} speedup" for k in keys) + " | prefill of bound | peak mem (MiB) |")
     print("|" + "---|" * (7 + len(keys)))

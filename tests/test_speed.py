@@ -56,6 +56,17 @@ def test_speed_recipe_compiles_prefill_and_decode(tmp_path):
             assert row["decode_speedup"] == row["prefill_b2_speedup"] == 1.0
 
 
+def test_paired_timings_time_each_variant_next_to_dense_in_alternating_order():
+    from recipes import load_recipe
+
+    speed = load_recipe("speed")
+    calls, clock = [], iter(range(1, 100))
+    pairs = speed.paired_timings(lambda who, key: calls.append((who, key)) or next(clock), ["a", "b"], ["k"], 2)
+    assert calls == [("dense", "k"), ("a", "k"), ("dense", "k"), ("b", "k"),  # repetition 0: dense first
+                     ("a", "k"), ("dense", "k"), ("b", "k"), ("dense", "k")]  # repetition 1: dense second
+    assert pairs == {"a": {"k": [(1, 2), (6, 5)]}, "b": {"k": [(3, 4), (8, 7)]}}
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_flop_bound_counts_the_attention_pairs_computed(is_causal):
     """The CPU flash-attention kernel (which torch's counter skips) is counted: 2 matmuls x 2 FLOPs per multiply-add
