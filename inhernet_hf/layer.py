@@ -172,16 +172,19 @@ class InherLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inher_down(x)
         if self.num_heads == 1:
-            y = self.inher_up(h)
-            return y if self.inher_bias is None else y + self.inher_bias[0]
+            return F.linear(h, self.inher_up.weight, None if self.inher_bias is None else self.inher_bias[0])
         g = self.gate_weights(x, h)
         if self.structure == "symmetric":
             mixed = g.unsqueeze(-1) * h.unflatten(-1, (self.num_heads, self.rank))
         else:
             mixed = g.unsqueeze(-1) * h.unsqueeze(-2)
         y = self.inher_up(mixed.flatten(-2))
-        if self.inher_bias is not None:
-            y = y + F.linear(g, self.inher_bias.T)
+        if self.inher_bias is None:
+            return y
+        if g.dim() == 1:  # gate "none": the same mixture of the head biases for every token
+            return y + g @ self.inher_bias
+        # y += g @ B in place: no (..., out) temporaries besides y (the up-projection does not need y for backward)
+        y.view(-1, self.out_features).addmm_(g.reshape(-1, self.num_heads), self.inher_bias)
         return y
 
     def extra_repr(self) -> str:

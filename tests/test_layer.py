@@ -55,6 +55,31 @@ def test_forward_equals_explicit_gated_sum_of_heads():
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("heads", [1, 3])
+def test_gradients_equal_explicit_gated_sum_of_heads(heads):
+    """Backward through the fused forward (bias added in place into the up-projection's output) gives the gradients of
+    the explicit sum_m g_m (W_u^m h + b_m), for every parameter and the input."""
+    torch.manual_seed(0)
+    layer = InherLinear(20, 16, 6, num_heads=heads)
+    x = torch.randn(4, 9, 20, requires_grad=True)
+    weight = torch.randn(4, 9, 16)
+
+    def explicit():
+        h = layer.inher_down(x)
+        g = torch.softmax(layer.inher_gate(h), dim=-1) if heads > 1 else torch.ones(4, 9, 1)
+        return sum(g[..., m : m + 1] * (h @ w.T + layer.inher_bias[m])
+                   for m, w in enumerate(layer.inher_up.weight.split(6, dim=1)))
+
+    grads = []
+    for forward in (layer, lambda x: explicit()):
+        layer.zero_grad()
+        x.grad = None
+        (forward(x) * weight).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for fused, reference in zip(*grads):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("head_init", ["paper", "demo"])
 def test_scaled_head_inits_give_teacher_over_m(head_init):
     torch.manual_seed(0)

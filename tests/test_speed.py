@@ -56,6 +56,33 @@ def test_speed_recipe_compiles_prefill_and_decode(tmp_path):
             assert row["decode_speedup"] == row["prefill_b2_speedup"] == 1.0
 
 
+def test_compiled_models_past_dynamo_recompile_limit_stay_compiled():
+    """The speed grid compiles many models that share their forward code: each instance x shape is a cache entry.
+    Past the default limit of 8, dynamo would run the rest eager; the recipe sizes the limit and makes a miss an error."""
+    from recipes import load_recipe
+
+    speed = load_recipe("speed")
+    layers = [InherLinear(16, 8, rank, 2).eval() for rank in range(2, 7)]  # differently shaped models
+    shapes = [torch.randn(1, 16), torch.randn(3, 16)]
+
+    def compile_all():
+        torch._dynamo.reset()
+        for layer in layers:
+            compiled = torch.compile(layer, dynamic=False)
+            for x in shapes:
+                torch.testing.assert_close(compiled(x), layer(x))
+
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # 10 cache entries > 8
+            with torch.no_grad():
+                compile_all()
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False), torch.no_grad():
+        speed.make_room_for_compiled_models(len(layers), len(shapes))
+        assert torch._dynamo.config.fail_on_recompile_limit_hit
+        compile_all()
+    torch._dynamo.reset()
+
+
 def test_paired_timings_time_each_variant_next_to_dense_in_alternating_order():
     from recipes import load_recipe
 
