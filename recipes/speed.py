@@ -4,7 +4,8 @@
     python recipes/speed.py --model minilm --ratios 0.5 --heads 2
     python recipes/speed.py --device cuda --dtype bfloat16 --compile both
 
-For every variant (target_ratio x num_heads) and measurement, each repetition times dense and the variant back to
+The variants (target_ratio x num_heads) are built one at a time and held in memory only next to dense (a grid of
+copies would not fit for larger models). For every measurement, each repetition times dense and the variant back to
 back (dense first in even repetitions, second in odd ones), and each figure is the median over repetitions of dense's
 time divided by the variant's in the same pair; dense's own times are the median over all its pairs.
 Prefill: a forward pass over `--prefill_batch_sizes` x `--seq_len` tokens. Decode (causal LMs): greedy tokens/s at
@@ -19,10 +20,12 @@ allocator that keeps freed pages (tcmalloc, jemalloc), where that growth stays n
 
 import argparse
 import copy
+import gc
 import json
 import re
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -135,6 +138,22 @@ def make_room_for_compiled_models(num_models: int, shapes_per_model: int) -> Non
     torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
+def timing_measure(runners: dict, models: dict, batches: dict, prompt: torch.Tensor, decode_tokens: int,
+                   decode_config: Optional[CompileConfig], device: str):
+    """`measure(name, key) -> seconds` for `paired_timings`: key "prefill_b{b}" is one forward of `runners[name]` over
+    `batches[b]`; "decode" is the time per new token of greedy generation with `models[name]` at batch 1, (time of
+    decode_tokens + 1 tokens - time of 1) / decode_tokens, so the prompt's prefill and the first token cancel."""
+    def measure(name: str, key: str) -> float:
+        if key == "decode":
+            model = models[name]
+            t1 = timed(lambda: greedy(model, prompt, 1, decode_config), device)
+            tn = timed(lambda: greedy(model, prompt, decode_tokens + 1, decode_config), device)
+            return (tn - t1) / decode_tokens
+        batch = batches[int(key.removeprefix("prefill_b"))]
+        return timed(lambda: runners[name](input_ids=batch), device)
+    return measure
+
+
 def paired_timings(measure, names: list, keys: list, repeats: int) -> dict:
     """Each variant timed right next to dense: in every repetition, for every variant and key, `measure("dense", key)`
     and `measure(name, key)` run back to back, dense first in even repetitions and second in odd ones (a steady drift
@@ -174,59 +193,64 @@ def main() -> None:
     dense = load_dense(args.model, dtype, args.device)
     causal = hasattr(dense, "generate") and dense.can_generate()
     vocab = dense.config.vocab_size
-    variants = {"dense": (dense, None)}
-    for ratio in args.ratios:
-        for heads in args.heads:
-            config = InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=args.rank_multiple)
-            inherited = get_inher_model(copy.deepcopy(dense), config, progressbar=False)
-            variants[f"r{ratio}-M{heads}"] = (inherited.base_model.eval(), inherited.report())
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     batches = {b: torch.randint(0, vocab, (b, args.seq_len), device=args.device) for b in args.prefill_batch_sizes}
     prompt = torch.randint(0, vocab, (1, 64), device=args.device)
+    keys = [f"prefill_b{b}" for b in batches] + (["decode"] if causal else [])
     flop_batch = batches[min(batches)]  # properties of the model, the same eager or compiled
     dense_flops = forward_flops(lambda: dense(input_ids=flop_batch))
-    facts = {name: {"targeted_ratio": 1.0 if report is None else report.ratio,
-                    "params": sum(p.numel() for p in model.parameters()),
-                    "flop_bound": dense_flops / forward_flops(lambda: model(input_ids=flop_batch))}
-             for name, (model, report) in variants.items()}
-    keys = [f"prefill_b{b}" for b in batches] + (["decode"] if causal else [])
-
+    grid = [(ratio, heads) for ratio in args.ratios for heads in args.heads]
     if True in modes:  # per model: one entry per prefill shape, up to two for the decoding step
-        make_room_for_compiled_models(len(variants), len(batches) + 2)
+        make_room_for_compiled_models(1 + len(grid), len(batches) + 2)
+
+    def compiled_or_not(model, compiled: bool):
+        return torch.compile(model, dynamic=False) if compiled else model  # fixed shapes: no dynamic kernels
+
+    def warm_up(model, runner, decode_config) -> None:
+        for batch in batches.values():
+            runner(input_ids=batch)
+        if causal:  # compiles the decoding step when `decode_config` is set
+            greedy(model, prompt, args.decode_tokens + 1, decode_config)
+
+    dense_runners = {compiled: compiled_or_not(dense, compiled) for compiled in modes}
+    decode_configs = {compiled: decode_compile_config(args.device) if compiled else None for compiled in modes}
+    with torch.no_grad():
+        for compiled in tqdm(modes, desc="Dense warm-up"):
+            warm_up(dense, dense_runners[compiled], decode_configs[compiled])
+    facts = {"dense": {"targeted_ratio": 1.0, "params": sum(p.numel() for p in dense.parameters()), "flop_bound": 1.0}}
+    pairs = {compiled: {} for compiled in modes}  # {compiled: {variant: {key: [(dense s, variant s), ...]}}}
+    memory = {compiled: {"dense": peak_memory(dense_runners[compiled], batches[max(batches)], args.device)}
+              for compiled in modes}
+    for ratio, heads in tqdm(grid, desc="Variants"):  # one variant in memory at a time, next to dense
+        name = f"r{ratio}-M{heads}"
+        config = InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=args.rank_multiple)
+        inherited = get_inher_model(copy.deepcopy(dense), config, progressbar=False)
+        model = inherited.base_model.eval()
+        facts[name] = {"targeted_ratio": inherited.report().ratio, "params": sum(p.numel() for p in model.parameters()),
+                       "flop_bound": dense_flops / forward_flops(partial(model, input_ids=flop_batch))}
+        for compiled in modes:
+            runners = {"dense": dense_runners[compiled], name: compiled_or_not(model, compiled)}
+            models = {"dense": dense, name: model}
+            with torch.no_grad():
+                warm_up(model, runners[name], decode_configs[compiled])
+                measure = timing_measure(runners, models, batches, prompt, args.decode_tokens,
+                                         decode_configs[compiled], args.device)
+                pairs[compiled][name] = paired_timings(measure, [name], keys, args.repeats)[name]
+            memory[compiled][name] = peak_memory(runners[name], batches[max(batches)], args.device)
+        del inherited, model, runners, models
+        gc.collect()
 
     rows = []
     for compiled in modes:
-        runners = {name: torch.compile(model, dynamic=False) if compiled else model  # fixed shapes: no dynamic kernels
-                   for name, (model, _) in variants.items()}
-        decode_config = decode_compile_config(args.device) if compiled else None
-        with torch.no_grad():
-            for runner in tqdm(runners.values(), desc="Warm-up" + (" and compile" if compiled else "")):
-                for batch in batches.values():
-                    runner(input_ids=batch)
-            if causal:  # compiles the decoding step when `decode_config` is set
-                for model, _ in tqdm(variants.values(), desc="Decode warm-up"):
-                    greedy(model, prompt, args.decode_tokens + 1, decode_config)
-
-            def measure(name: str, key: str) -> float:
-                if key == "decode":  # time per new token, the prompt's prefill and the first token subtracted
-                    model = variants[name][0]
-                    t1 = timed(lambda: greedy(model, prompt, 1, decode_config), args.device)
-                    tn = timed(lambda: greedy(model, prompt, args.decode_tokens + 1, decode_config), args.device)
-                    return (tn - t1) / args.decode_tokens
-                batch = batches[int(key.removeprefix("prefill_b"))]
-                return timed(lambda: runners[name](input_ids=batch), args.device)
-
-            pairs = paired_timings(measure, [name for name in variants if name != "dense"], keys, args.repeats)
-        dense_times = {key: [d for name in pairs for d, _ in pairs[name][key]] for key in keys}
-        for name, runner in runners.items():  # peak memory of the runner: the compiled module in compiled rows
-            row = {"variant": name, "compiled": compiled, **facts[name],
-                   "peak_memory_MiB": peak_memory(runner, batches[max(batches)], args.device) / 2**20}
+        for name in ["dense"] + list(pairs[compiled]):
+            row = {"variant": name, "compiled": compiled, **facts[name], "peak_memory_MiB": memory[compiled][name] / 2**20}
             for key in keys:
-                if name == "dense":
-                    row[f"{key}_speedup"], row[f"{key}_s"] = 1.0, statistics.median(dense_times[key])
+                if name == "dense":  # every pair's dense timing
+                    dense_times = [d for variant in pairs[compiled].values() for d, _ in variant[key]]
+                    row[f"{key}_speedup"], row[f"{key}_s"] = 1.0, statistics.median(dense_times)
                 else:
-                    row[f"{key}_speedup"] = statistics.median(d / v for d, v in pairs[name][key])
-                    row[f"{key}_s"] = statistics.median(v for _, v in pairs[name][key])
+                    row[f"{key}_speedup"] = statistics.median(d / v for d, v in pairs[compiled][name][key])
+                    row[f"{key}_s"] = statistics.median(v for _, v in pairs[compiled][name][key])
             rows.append(row)
 
     print(f"\n{args.model} on {args.device} ({dtype}), seq_len {args.seq_len}, median of {args.repeats} repetitions; "
