@@ -154,17 +154,16 @@ def timing_measure(runners: dict, models: dict, batches: dict, prompt: torch.Ten
     return measure
 
 
-def paired_timings(measure, names: list, keys: list, repeats: int) -> dict:
-    """Each variant timed right next to dense: in every repetition, for every variant and key, `measure("dense", key)`
-    and `measure(name, key)` run back to back, dense first in even repetitions and second in odd ones (a steady drift
-    of the machine's speed cancels). Returns {name: {key: [(dense seconds, variant seconds), ...]}}."""
-    pairs = {name: {key: [] for key in keys} for name in names}
+def paired_timings(measure, name: str, keys: list, repeats: int) -> dict:
+    """Variant `name` timed right next to dense: in every repetition and for every key, `measure("dense", key)` and
+    `measure(name, key)` run back to back, dense first in even repetitions and second in odd ones (a steady drift
+    of the machine's speed cancels). Returns {key: [(dense seconds, variant seconds), ...]}."""
+    pairs = {key: [] for key in keys}
     for repetition in tqdm(range(repeats), desc="Repetitions"):
-        for name in names:
-            for key in keys:
-                order = ["dense", name] if repetition % 2 == 0 else [name, "dense"]
-                seconds = {who: measure(who, key) for who in order}
-                pairs[name][key].append((seconds["dense"], seconds[name]))
+        for key in keys:
+            order = ["dense", name] if repetition % 2 == 0 else [name, "dense"]
+            seconds = {who: measure(who, key) for who in order}
+            pairs[key].append((seconds["dense"], seconds[name]))
     return pairs
 
 
@@ -235,7 +234,7 @@ def main() -> None:
                 warm_up(model, runners[name], decode_configs[compiled])
                 measure = timing_measure(runners, models, batches, prompt, args.decode_tokens,
                                          decode_configs[compiled], args.device)
-                pairs[compiled][name] = paired_timings(measure, [name], keys, args.repeats)[name]
+                pairs[compiled][name] = paired_timings(measure, name, keys, args.repeats)
             memory[compiled][name] = peak_memory(runners[name], batches[max(batches)], args.device)
         del inherited, model, runners, models
         gc.collect()
