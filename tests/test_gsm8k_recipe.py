@@ -213,3 +213,40 @@ def test_inherit_distil_generate_save_reload_end_to_end(recipe, tmp_path):
                                     [json.loads(line)["answer"] for line in
                                      (GSM8K / "test.jsonl").read_text().splitlines()[:6]], 4, 24)
     assert again == records
+
+
+# The recipe as gsm8k_table.py launches it, replaced by a script that records its arguments and writes the results
+# the table reads: the test checks which flags each run of the table gets, in which order.
+RECORDING_LAUNCHER = """import json, sys, pathlib
+args = sys.argv[2:]
+out = pathlib.Path(args[args.index('--output_dir') + 1]); out.mkdir(parents=True)
+nll = 1.0 if '--no_inher' in args else 1.25
+(out / 'all_results.json').write_text(json.dumps({'args': args, 'eval_answer_nll': nll, 'eval_answer_perplexity': 1.0,
+    'eval_exact_match': 0.0, 'eval_generation_samples': 4, 'total_params': 10, 'wall_time': 1.0}))"""
+
+
+@pytest.mark.parametrize("kd_teacher", ["base", "dense_finetune"])
+def test_gsm8k_table_runs_and_kd_teacher(tmp_path, kd_teacher):
+    """gsm8k_table.py: dense first, then per ratio the InherNet run without KD and the one with KD; with
+    --kd_teacher dense_finetune the KD runs (only they) distil from the table's dense fine-tune."""
+    import shlex
+    import subprocess
+    import sys
+
+    from recipes import RECIPES
+
+    launcher = shlex.join([sys.executable, "-c", RECORDING_LAUNCHER])
+    done = subprocess.run([sys.executable, str(RECIPES / "gsm8k_table.py"), "--model_name_or_path", "some/model",
+                           "--target_ratios", "0.8", "--num_heads", "1", "--kd_teacher", kd_teacher,
+                           "--output_root", str(tmp_path), "--launcher", launcher],
+                          capture_output=True, text=True, check=True)
+    table = json.loads((tmp_path / "gsm8k_table.json").read_text())
+    assert [row["run"] for row in table] == ["dense fine-tune", "InherNet 0.8", "InherNet 0.8 + KD"]
+    args = {row["run"]: row["results"]["args"] for row in table}
+    for run, flags in args.items():
+        distils_from_dense = run.endswith("+ KD") and kd_teacher == "dense_finetune"
+        assert ("--teacher_name_or_path" in flags) == distils_from_dense
+        if distils_from_dense:
+            assert flags[flags.index("--teacher_name_or_path") + 1] == str(tmp_path / "dense")
+    assert args["InherNet 0.8"][args["InherNet 0.8"].index("--kd_alpha") + 1] == "0"
+    assert "| InherNet 0.8 + KD | 1.2500 | +25.0% |" in done.stdout
