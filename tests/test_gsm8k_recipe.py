@@ -3,11 +3,14 @@ answer NLL against the model's own loss, bad inputs, and an end-to-end `accelera
 SmolLM2-135M-Instruct (GGUF) with real GSM8K JSONL ($INHERNET_DATA_DIR/gsm8k, default ../shared/data/gsm8k)."""
 
 import json
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from recipes import DATA_DIR, launch, load_recipe, results
+from recipes import DATA_DIR, RECIPES, launch, load_recipe, results
 from reference import SMOLLM2_GGUF, smollm2_dir
 
 GSM8K = DATA_DIR / "gsm8k"
@@ -229,12 +232,6 @@ nll = 1.0 if '--no_inher' in args else 1.25
 def test_gsm8k_table_runs_and_kd_teacher(tmp_path, kd_teacher):
     """gsm8k_table.py: dense first, then per ratio the InherNet run without KD and the one with KD; with
     --kd_teacher dense_finetune the KD runs (only they) distil from the table's dense fine-tune."""
-    import shlex
-    import subprocess
-    import sys
-
-    from recipes import RECIPES
-
     launcher = shlex.join([sys.executable, "-c", RECORDING_LAUNCHER])
     done = subprocess.run([sys.executable, str(RECIPES / "gsm8k_table.py"), "--model_name_or_path", "some/model",
                            "--target_ratios", "0.8", "--num_heads", "1", "--kd_teacher", kd_teacher,
