@@ -13,8 +13,8 @@ batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N; compiled, decod
 decoding step over a static cache (on CPU too). "FLOP bound" is dense FLOPs / inherited FLOPs of one prefill
 forward (torch.utils.flop_counter; attention counted over the (query, key) pairs it computes, the causal triangle
 when causal, the CPU flash kernel included), the speedup a perfect implementation would reach; "of bound" is the
-measured prefill speedup divided by it. Peak memory: CUDA max allocated, or on CPU the growth of the resident set
-(VmHWM, reset through /proc/self/clear_refs) during one prefill forward, weights included; not valid under an
+measured prefill speedup divided by it. Peak memory: the model's weights plus the growth, during one prefill forward, of
+CUDA's allocated memory or on CPU of the resident set (VmHWM, reset through /proc/self/clear_refs); not valid under an
 allocator that keeps freed pages (tcmalloc, jemalloc), where that growth stays near zero.
 """
 
@@ -68,13 +68,15 @@ def _vm(field: str) -> int:
 
 
 def peak_memory(model, batch: torch.Tensor, device: str) -> int:
-    """Bytes of peak memory while running one forward (weights included)."""
+    """Bytes of peak memory while running one forward: the model's weights plus the growth of memory during the
+    forward (so the other model held next to it, dense or a variant, is not counted)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad():
         if device.startswith("cuda"):
+            before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             model(input_ids=batch)
-            return torch.cuda.max_memory_allocated()
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            return weights + torch.cuda.max_memory_allocated() - before
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         before = _vm("VmRSS")
         model(input_ids=batch)
@@ -112,6 +114,8 @@ def attention_flop_formula(is_causal_arg: int):
     def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         position = is_causal_arg - 3
         causal = kwargs.get("is_causal", args[position] if len(args) > position else False)
+        heads = query_shape[1]  # CUDA kernels take GQA key/value with fewer heads, which torch < 2.13 cannot count
+        key_shape, value_shape = [(*shape[:1], heads, *shape[2:]) for shape in (key_shape, value_shape)]
         every_pair = sdpa_flop_count(query_shape, key_shape, value_shape)
         if not causal:
             return every_pair

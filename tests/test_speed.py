@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from inhernet_hf import InherLinear
+from reference import rank_r_reference, rel_err
 
 pytestmark = pytest.mark.slow
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -22,6 +23,47 @@ def test_compiled_layer_matches_eager(heads, structure):
     compiled = torch.compile(layer)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def explicit_gated_sum(layer: InherLinear, x: torch.Tensor) -> torch.Tensor:
+    """sum_m g_m (W_u^m h + b_m) in float64 on the CPU, from the layer's own (possibly bfloat16) parameters."""
+    p = {name: t.detach().double().cpu() for name, t in layer.named_parameters()}
+    h = x.double().cpu() @ p["inher_down.weight"].T
+    g = torch.softmax(h @ p["inher_gate.weight"].T + p["inher_gate.bias"], dim=-1)
+    heads = p["inher_up.weight"].split(layer.rank, dim=1)
+    return sum(g[..., m : m + 1] * (h @ w.T + p["inher_bias"][m]) for m, w in enumerate(heads))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cuda_eager_and_compiled_match_float64_gated_sum(dtype, tolerance):
+    """On CUDA, in the model dtype, eager and torch.compile'd forwards of a layer whose heads differ compute the
+    float64 gated sum of its own parameters (bfloat16: within the format's rounding)."""
+    torch.manual_seed(0)
+    layer = InherLinear(576, 1536, 128, 3).to("cuda", dtype).eval()
+    x = torch.randn(4, 64, 576, device="cuda", dtype=dtype)
+    expected = explicit_gated_sum(layer, x)
+    with torch.no_grad():
+        for forward in (layer, torch.compile(layer, dynamic=False)):
+            assert rel_err(forward(x).cpu(), expected) < tolerance
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cuda_inherit_in_model_dtype_is_rank_r_teacher(dtype, tolerance):
+    """SVD init of a CUDA weight in the model dtype (factored in float64 on the GPU, cast back) reproduces
+    U_r S_r V_r^T x + b."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(576, 1536).to("cuda", dtype)
+    layer = InherLinear(576, 1536, 128, 2, device="cuda", dtype=dtype)
+    layer.inherit_(dense.weight, dense.bias)
+    x = torch.randn(4, 64, 576, device="cuda", dtype=dtype)
+    expected = x.double().cpu() @ rank_r_reference(dense.weight.cpu(), 128).T + dense.bias.double().cpu()
+    with torch.no_grad():
+        assert layer.inher_down.weight.dtype == dtype and rel_err(layer(x).cpu(), expected) < tolerance
 
 
 def test_speed_recipe_prints_ratios_to_dense(tmp_path):
@@ -107,3 +149,6 @@ def test_flop_bound_counts_the_attention_pairs_computed(is_causal):
         lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True))
     pairs = s * (s + 1) // 2 if is_causal else s * s
     assert flops == 2 * 2 * b * h * d * pairs
+    # CUDA's flash kernel takes GQA key/value unexpanded (h_kv heads), which torch < 2.13's own counter rejects
+    cuda_flash = speed.ATTENTION_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention]
+    assert cuda_flash(q.shape, k.shape, v.shape, 0.0, is_causal) == flops
