@@ -12,6 +12,16 @@ def rank_r_reference(weight: torch.Tensor, rank: int) -> torch.Tensor:
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
+def explicit_gated_sum(layer, x: torch.Tensor) -> torch.Tensor:
+    """sum_m g_m (W_u^m h + b_m) of an asymmetric softmax-gated InherLinear, in float64 on the CPU, from the layer's
+    own (possibly bfloat16, possibly CUDA) parameters: the reference for its single-matmul forward."""
+    p = {name: t.detach().double().cpu() for name, t in layer.named_parameters()}
+    h = x.double().cpu() @ p["inher_down.weight"].T
+    g = torch.softmax(h @ p["inher_gate.weight"].T + p["inher_gate.bias"], dim=-1)
+    heads = p["inher_up.weight"].split(layer.rank, dim=1)
+    return sum(g[..., m : m + 1] * (h @ w.T + p["inher_bias"][m]) for m, w in enumerate(heads))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -3,16 +3,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from inhernet_hf import InherLinear
-from reference import rank_r_reference, rel_err
+from recipes import RECIPES
+from reference import explicit_gated_sum, rank_r_reference, rel_err
 
 pytestmark = pytest.mark.slow
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.mark.parametrize("heads,structure", [(1, "asymmetric"), (3, "asymmetric"), (2, "symmetric")])
@@ -26,15 +25,6 @@ def test_compiled_layer_matches_eager(heads, structure):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def explicit_gated_sum(layer: InherLinear, x: torch.Tensor) -> torch.Tensor:
-    """sum_m g_m (W_u^m h + b_m) in float64 on the CPU, from the layer's own (possibly bfloat16) parameters."""
-    p = {name: t.detach().double().cpu() for name, t in layer.named_parameters()}
-    h = x.double().cpu() @ p["inher_down.weight"].T
-    g = torch.softmax(h @ p["inher_gate.weight"].T + p["inher_gate.bias"], dim=-1)
-    heads = p["inher_up.weight"].split(layer.rank, dim=1)
-    return sum(g[..., m : m + 1] * (h @ w.T + p["inher_bias"][m]) for m, w in enumerate(heads))
 
 
 @requires_cuda
