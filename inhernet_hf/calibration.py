@@ -107,7 +107,10 @@ def find_blocks(model: nn.Module, targets: list[str]) -> Optional[list[tuple[str
 
 
 def _model_kwargs(model: nn.Module, batch: dict) -> dict:
-    kwargs = dict(batch)
+    """`batch` as forward kwargs: tensors moved to the model's device (calibration data may stay on the CPU while
+    the model sits on a GPU), the KV cache off."""
+    device = next(model.parameters()).device
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False
     return kwargs

@@ -230,7 +230,9 @@ def calibration_batches(dataloader: Iterable[Mapping[str, Any]], num_samples: in
 def inherit_for_training(accelerator: Accelerator, model: nn.Module, inher_config: InherConfig, train_dataset,
                          collate_fn, args: argparse.Namespace):
     """The recipes' inheritance step: `inherit_model` with the (unshuffled) training set as calibration source
-    (`--inher_calibration_samples` examples, used only when the config needs them); prints the per-layer report."""
+    (`--inher_calibration_samples` examples, used only when the config needs them), run on the accelerator's device
+    (calibration forwards and SVDs on the GPU when there is one); prints the per-layer report."""
+    model.to(accelerator.device)
     calibration = DataLoader(train_dataset, collate_fn=collate_fn, batch_size=args.per_device_train_batch_size)
     model = inherit_model(model, inher_config, calibration, args.inher_calibration_samples,
                           progressbar=accelerator.is_local_main_process)

@@ -1,9 +1,13 @@
 """Float64 references shared by the tests, and the offline real models they use."""
 
+import pytest
 import torch
 
 from inhernet_hf.offline_models import SMOLLM2_GGUF, minilm_path  # noqa: F401  (re-exported for the tests)
 from inhernet_hf.offline_models import smollm2_path
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def rank_r_reference(weight: torch.Tensor, rank: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from inhernet_hf import InherConfig, InherLinear, get_inher_model
 from inhernet_hf.factor import spectrum
-from reference import minilm_path, rank_r_reference
+from reference import minilm_path, rank_r_reference, requires_cuda
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -49,6 +49,21 @@ def tiny_llama(hidden=64, layers=3):
 def calibration(n_batches=3, batch=4, length=24):
     generator = torch.Generator().manual_seed(1)
     return [{"input_ids": torch.randint(0, 96, (batch, length), generator=generator)} for _ in range(n_batches)]
+
+
+@requires_cuda
+def test_calibration_on_a_cuda_model_with_cpu_batches_matches_the_cpu_run():
+    """A model on the GPU calibrates from CPU batches (moved per forward): activation ranks and whitened factors as
+    on the CPU, so the two inherited models compute the same logits (to float32 rounding)."""
+    config = dict(target_ratio=0.5, num_heads=2, init="whitened", rank_allocation="activation")
+    batches = calibration()
+    on_cpu = get_inher_model(tiny_llama(), InherConfig(**config), calibration_data=batches, progressbar=False)
+    on_cuda = get_inher_model(tiny_llama().cuda(), InherConfig(**config), calibration_data=batches, progressbar=False)
+    assert [r.rank for r in on_cuda.report().rows] == [r.rank for r in on_cpu.report().rows]
+    with torch.no_grad():
+        expected = on_cpu(**batches[0], use_cache=False).logits
+        logits = on_cuda(**{k: v.cuda() for k, v in batches[0].items()}, use_cache=False).logits.cpu()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_block_by_block_pipeline_is_optimal_for_the_inputs_each_layer_sees():

@@ -9,7 +9,7 @@ import torch
 
 from inhernet_hf import InherLinear
 from recipes import RECIPES
-from reference import explicit_gated_sum, rank_r_reference, rel_err
+from reference import explicit_gated_sum, rank_r_reference, rel_err, requires_cuda
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +22,6 @@ def test_compiled_layer_matches_eager(heads, structure):
     compiled = torch.compile(layer)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @requires_cuda
