@@ -171,6 +171,33 @@ def paired_timings(measure, name: str, keys: list, repeats: int) -> dict:
     return pairs
 
 
+def table_rows(facts: dict, pairs: dict, memory: dict, keys: list[str]) -> list[dict]:
+    """One row per (compiled, model) measured so far: facts, peak memory, and per key the median speedup over the
+    variant's pairs and its median time (dense: 1.0 and the median of every pair's dense time)."""
+    rows = []
+    for compiled, variants in pairs.items():
+        for name in ["dense"] + list(variants):
+            row = {"variant": name, "compiled": compiled, **facts[name], "peak_memory_MiB": memory[compiled][name] / 2**20}
+            for key in keys:
+                if name == "dense":
+                    dense_times = [d for variant in variants.values() for d, _ in variant[key]]
+                    row[f"{key}_speedup"], row[f"{key}_s"] = 1.0, statistics.median(dense_times)
+                else:
+                    row[f"{key}_speedup"] = statistics.median(d / v for d, v in variants[name][key])
+                    row[f"{key}_s"] = statistics.median(v for _, v in variants[name][key])
+            rows.append(row)
+    return rows
+
+
+def write_json(args: argparse.Namespace, rows: list[dict], complete: bool) -> None:
+    """The rows so far, written to a temporary file and renamed: a kill never leaves a half-written JSON."""
+    path = Path(args.output_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"args": vars(args), "complete": complete, "rows": rows}, indent=2))
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'minilm' (offline) or a causal LM Hub id/folder.")
@@ -188,8 +215,14 @@ def main() -> None:
                         help="Default: bfloat16 on CUDA, float32 on CPU.")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no",
                         help="torch.compile the models (both: eager and compiled rows).")
-    parser.add_argument("--output_json", default=None)
+    parser.add_argument("--output_json", default=None,
+                        help="Write the rows here, rewritten after every variant ('complete': false until the end).")
     args = parser.parse_args()
+    try:  # every variant's config, checked before minutes of loading and warm-up
+        configs = {(ratio, heads): InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=args.rank_multiple)
+                   for ratio in args.ratios for heads in args.heads}
+    except (TypeError, ValueError) as err:
+        parser.error(f"bad --ratios / --heads / --rank_multiple: {err}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     torch.manual_seed(0)
 
@@ -202,9 +235,8 @@ def main() -> None:
     keys = [f"prefill_b{b}" for b in batches] + (["decode"] if causal else [])
     flop_batch = batches[min(batches)]  # properties of the model, the same eager or compiled
     dense_flops = forward_flops(lambda: dense(input_ids=flop_batch))
-    grid = [(ratio, heads) for ratio in args.ratios for heads in args.heads]
     if True in modes:  # per model: one entry per prefill shape, up to two for the decoding step
-        make_room_for_compiled_models(1 + len(grid), len(batches) + 2)
+        make_room_for_compiled_models(1 + len(configs), len(batches) + 2)
 
     def compiled_or_not(model, compiled: bool):
         return torch.compile(model, dynamic=False) if compiled else model  # fixed shapes: no dynamic kernels
@@ -224,9 +256,8 @@ def main() -> None:
     pairs = {compiled: {} for compiled in modes}  # {compiled: {variant: {key: [(dense s, variant s), ...]}}}
     memory = {compiled: {"dense": peak_memory(dense_runners[compiled], batches[max(batches)], args.device)}
               for compiled in modes}
-    for ratio, heads in tqdm(grid, desc="Variants"):  # one variant in memory at a time, next to dense
+    for (ratio, heads), config in tqdm(configs.items(), desc="Variants"):  # one at a time in memory, next to dense
         name = f"r{ratio}-M{heads}"
-        config = InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=args.rank_multiple)
         inherited = get_inher_model(copy.deepcopy(dense), config, progressbar=False)
         model = inherited.base_model.eval()
         facts[name] = {"targeted_ratio": inherited.report().ratio, "params": sum(p.numel() for p in model.parameters()),
@@ -242,20 +273,12 @@ def main() -> None:
             memory[compiled][name] = peak_memory(runners[name], batches[max(batches)], args.device)
         del inherited, model, runners, models
         gc.collect()
+        if args.output_json:  # after every variant: a run stopped part-way keeps what it measured
+            write_json(args, table_rows(facts, pairs, memory, keys), complete=False)
 
-    rows = []
-    for compiled in modes:
-        for name in ["dense"] + list(pairs[compiled]):
-            row = {"variant": name, "compiled": compiled, **facts[name], "peak_memory_MiB": memory[compiled][name] / 2**20}
-            for key in keys:
-                if name == "dense":  # every pair's dense timing
-                    dense_times = [d for variant in pairs[compiled].values() for d, _ in variant[key]]
-                    row[f"{key}_speedup"], row[f"{key}_s"] = 1.0, statistics.median(dense_times)
-                else:
-                    row[f"{key}_speedup"] = statistics.median(d / v for d, v in pairs[compiled][name][key])
-                    row[f"{key}_s"] = statistics.median(v for _, v in pairs[compiled][name][key])
-            rows.append(row)
-
+    rows = table_rows(facts, pairs, memory, keys)
+    if args.output_json:
+        write_json(args, rows, complete=True)
     print(f"\n{args.model} on {args.device} ({dtype}), seq_len {args.seq_len}, median of {args.repeats} repetitions; "
           f"speedup = dense time / variant time, the two timed back to back")
     print("| variant | compiled | targeted ratio | params | FLOP bound | " +
@@ -269,9 +292,6 @@ def main() -> None:
     decode_ms = {r["variant"]: 1000 * r["decode_s"] for r in rows if "decode_s" in r}
     if decode_ms:
         print("decode ms/token:", {k: round(v, 2) for k, v in decode_ms.items()})
-    if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inhernet_hf import InherLinear
-from recipes import RECIPES
+from recipes import RECIPES, load_recipe
 from reference import explicit_gated_sum, rank_r_reference, rel_err, requires_cuda
 
 pytestmark = pytest.mark.slow
@@ -58,8 +58,9 @@ def test_speed_recipe_prints_ratios_to_dense(tmp_path):
                           "--heads", "2", "--repeats", "1", "--seq_len", "32", "--prefill_batch_sizes", "1", "2",
                           "--output_json", str(tmp_path / "speed.json")], capture_output=True, text=True, check=True)
     assert "| r0.5-M2 | no | 0.49" in out.stdout and "FLOP bound" in out.stdout  # ranks in multiples of 16
-    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
-    dense, inherited = rows
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["complete"] is True
+    dense, inherited = saved["rows"]
     assert abs(inherited["targeted_ratio"] - 0.5) < 0.01
     assert dense["flop_bound"] == 1.0 and inherited["flop_bound"] > 1.3  # half the targeted FLOPs
     assert inherited["params"] < dense["params"]
@@ -83,6 +84,39 @@ def test_speed_recipe_compiles_prefill_and_decode(tmp_path):
         assert {"decode_s", "decode_speedup", "prefill_b2_s", "prefill_b2_speedup"} <= row.keys()
         if row["variant"] == "dense":  # each ratio is taken against dense of the same repetition and mode
             assert row["decode_speedup"] == row["prefill_b2_speedup"] == 1.0
+
+
+def test_speed_recipe_keeps_the_rows_of_a_run_stopped_part_way(tmp_path, monkeypatch):
+    """--output_json is rewritten after every variant: a run that dies while building its second variant leaves dense
+    and the first variant, marked incomplete. A bad grid value is refused before any model loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    speed = load_recipe("speed")
+    built = []
+
+    def stop_at_the_second_variant(model, config, **kwargs):
+        if built:
+            raise RuntimeError("stopped")
+        built.append(config.num_heads)
+        return get_inher_model(model, config, **kwargs)
+
+    get_inher_model = speed.get_inher_model
+    monkeypatch.setattr(speed, "get_inher_model", stop_at_the_second_variant)
+    output = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--model", str(tmp_path / "llama"), "--ratios", "0.5", "--heads",
+                                      "1", "2", "--repeats", "1", "--seq_len", "16", "--prefill_batch_sizes", "2",
+                                      "--decode_tokens", "2", "--output_json", str(output)])
+    with pytest.raises(RuntimeError, match="stopped"):
+        speed.main()
+    saved = json.loads(output.read_text())
+    assert saved["complete"] is False and [r["variant"] for r in saved["rows"]] == ["dense", "r0.5-M1"]
+
+    bad = subprocess.run([sys.executable, str(RECIPES / "speed.py"), "--model", "minilm", "--ratios", "0.5", "1.5"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "bad --ratios / --heads / --rank_multiple" in bad.stderr and "1.5" in bad.stderr
 
 
 def test_compiled_models_past_dynamo_recompile_limit_stay_compiled():
