@@ -66,13 +66,18 @@ def test_speed_recipe_prints_ratios_to_dense(tmp_path):
     assert inherited["params"] < dense["params"]
 
 
-def test_speed_recipe_compiles_prefill_and_decode(tmp_path):
-    """--compile both on a tiny causal LM: eager and compiled rows, each with prefill and decode ratios to dense."""
+def tiny_llama_folder(folder) -> None:
+    """A 2-layer random Llama with GQA, saved to `folder`: a causal LM the speed recipe loads in a second."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+
+
+def test_speed_recipe_compiles_prefill_and_decode(tmp_path):
+    """--compile both on a tiny causal LM: eager and compiled rows, each with prefill and decode ratios to dense."""
+    tiny_llama_folder(tmp_path / "llama")
     subprocess.run([sys.executable, str(RECIPES / "speed.py"), "--model", str(tmp_path / "llama"), "--ratios", "0.5",
                     "--heads", "2", "--repeats", "1", "--seq_len", "16", "--prefill_batch_sizes", "2",
                     "--decode_tokens", "3", "--compile", "both", "--output_json", str(tmp_path / "speed.json")],
@@ -89,11 +94,7 @@ def test_speed_recipe_compiles_prefill_and_decode(tmp_path):
 def test_speed_recipe_keeps_the_rows_of_a_run_stopped_part_way(tmp_path, monkeypatch):
     """--output_json is rewritten after every variant: a run that dies while building its second variant leaves dense
     and the first variant, marked incomplete. A bad grid value is refused before any model loads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    tiny_llama_folder(tmp_path / "llama")
     speed = load_recipe("speed")
     built = []
 
