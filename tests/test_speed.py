@@ -96,7 +96,7 @@ def test_speed_recipe_keeps_the_rows_of_a_run_stopped_part_way(tmp_path, monkeyp
     and the first variant, marked incomplete. A bad grid value is refused before any model loads."""
     tiny_llama_folder(tmp_path / "llama")
     speed = load_recipe("speed")
-    built = []
+    get_inher_model, built = speed.get_inher_model, []
 
     def stop_at_the_second_variant(model, config, **kwargs):
         if built:
@@ -104,7 +104,6 @@ def test_speed_recipe_keeps_the_rows_of_a_run_stopped_part_way(tmp_path, monkeyp
         built.append(config.num_heads)
         return get_inher_model(model, config, **kwargs)
 
-    get_inher_model = speed.get_inher_model
     monkeypatch.setattr(speed, "get_inher_model", stop_at_the_second_variant)
     output = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", ["speed.py", "--model", str(tmp_path / "llama"), "--ratios", "0.5", "--heads",
