@@ -5,9 +5,9 @@ One copy of everything a recipe needs around its data and metrics:
 * command-line flags: `add_training_args` (the `run_*_no_trainer.py` flags), `add_kd_args`, `add_inher_args`;
 * setup: `build_accelerator`, `build_optimizer`, `prepare_training` (prepares, sizes the run, builds the scheduler),
   `inher_config_from_args` and `inherit_model` (passes `calibration_data` only when the config needs it);
-* knowledge distillation: `kd_kl_loss`, `kd_mse_loss`, `distillation_loss` and `DistillationLoss` (the per-batch
-  loss of a student with an optional frozen teacher: Hinton KD for classification, MSE for regression, token-level
-  KL on the answer tokens of a causal LM);
+* knowledge distillation: `kd_kl_loss`, `kd_mse_loss`, `distillation_loss`, `hidden_state_loss` and
+  `DistillationLoss` (the per-batch loss of a student with an optional frozen teacher: Hinton KD for classification,
+  MSE for regression, token-level KL on the answer tokens of a causal LM, optionally a layer-wise hidden-state term);
 * the loop: `train` (gradient accumulation, scheduler, mixed precision, tracking, checkpoints, exact resume,
   NaN/Inf stop) and `evaluate` (predictions gathered with `gather_for_metrics`, no duplicated samples);
 * checkpoints: `save_checkpoint` (atomic: written to a hidden temporary folder, renamed when complete),
@@ -148,6 +148,10 @@ def add_kd_args(parser: argparse.ArgumentParser, alpha: float = 0.5,
                        help="Softmax temperature T of the KD term.")
     group.add_argument("--teacher_name_or_path", type=str, default=None,
                        help="Frozen teacher (a fine-tuned model folder or Hub id). Default: --model_name_or_path.")
+    group.add_argument("--kd_hidden_weight", type=float, default=0.0,
+                       help="Weight b of a layer-wise hidden-state term added to the loss: b * mean over layers of "
+                            "||h_student - h_teacher||^2 / ||h_teacher||^2 on the non-padding tokens. The student "
+                            "needs the teacher's layers and hidden size (an inherited model has them). 0 disables it.")
     return parser
 
 
@@ -187,6 +191,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--kd_alpha must lie in [0, 1], got {args.kd_alpha}.")
     if not args.kd_temperature > 0:
         raise ValueError(f"--kd_temperature must be > 0, got {args.kd_temperature}.")
+    if not args.kd_hidden_weight >= 0:
+        raise ValueError(f"--kd_hidden_weight must be >= 0, got {args.kd_hidden_weight}.")
     if not args.no_inher and args.inher_r is not None and args.inher_target_ratio is not None:
         raise ValueError("Give only one of --inher_r and --inher_target_ratio.")
     if args.max_grad_norm is not None and not args.max_grad_norm > 0:
@@ -376,6 +382,41 @@ def kd_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return _masked_mean(err, mask)
 
 
+def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Layer-wise relative error of the hidden states: the mean over layers l of
+    sum ||h_s^l - h_t^l||^2 / sum ||h_t^l||^2, the sums over the positions where `mask` (batch, length) is 1.
+
+    Takes the models' `hidden_states` tuples (the embeddings, then one (batch, length, hidden) entry per layer); the
+    embeddings are skipped. Computed in float32."""
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"hidden-state distillation matches layers one to one, but the student has "
+                         f"{len(student_hidden) - 1} layers and the teacher {len(teacher_hidden) - 1}.")
+    errors = []
+    for student, teacher in zip(student_hidden[1:], teacher_hidden[1:]):
+        if student.shape != teacher.shape:
+            raise ValueError(f"hidden-state distillation needs equal hidden-state shapes; the student's are "
+                             f"{tuple(student.shape)}, the teacher's {tuple(teacher.shape)}.")
+        teacher = teacher.detach().float()
+        diff = (student.float() - teacher).pow(2).sum(-1)
+        norm = teacher.pow(2).sum(-1)
+        if mask is not None:
+            keep = mask.to(diff.device, torch.bool)
+            diff, norm = diff[keep], norm[keep]
+        errors.append(diff.sum() / norm.sum().clamp(min=torch.finfo(torch.float32).tiny))
+    return torch.stack(errors).mean()
+
+
+def check_hidden_states_match(student_config, teacher_config) -> None:
+    """Raises ValueError unless the student can be distilled layer by layer from the teacher (`hidden_state_loss`):
+    the same number of layers and the same hidden size."""
+    student = (student_config.num_hidden_layers, student_config.hidden_size)
+    teacher = (teacher_config.num_hidden_layers, teacher_config.hidden_size)
+    if student != teacher:
+        raise ValueError(f"--kd_hidden_weight matches hidden states layer by layer, so the student needs the "
+                         f"teacher's (layers, hidden size) = {teacher}; it has {student}.")
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor,
                       alpha: float, temperature: float = 1.0, kind: str = "kl",
                       mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +433,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 class DistillationLoss:
     """Per-batch loss for `train`: the model's own loss (`outputs.loss`, computed from `batch['labels']`), mixed
-    with a KD term against a frozen `teacher` when one is given and `alpha > 0`.
+    with a KD term against a frozen `teacher` when one is given and `alpha > 0`, plus `hidden_weight` times the
+    layer-wise `hidden_state_loss` (on the tokens of `batch['attention_mask']`) when `hidden_weight > 0`.
 
     `token_level=True` is for causal LMs: logits at position i predict token i+1, so the KD term compares
     `logits[:, :-1]` on the positions whose next-token label is not `ignore_index` (the answer tokens); only those
@@ -401,33 +443,45 @@ class DistillationLoss:
 
     def __init__(self, teacher: Optional[nn.Module] = None, alpha: float = 0.0, temperature: float = 1.0,
                  kind: str = "kl", token_level: bool = False, ignore_index: int = -100,
-                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> None:
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+                 hidden_weight: float = 0.0) -> None:
         if kind not in ("kl", "mse"):
             raise ValueError(f"kind must be 'kl' or 'mse', got {kind!r}.")
-        self.teacher = teacher if alpha > 0 else None
-        self.alpha, self.temperature, self.kind = alpha, temperature, kind
+        if (alpha > 0 or hidden_weight > 0) and teacher is None:
+            raise ValueError("alpha > 0 or hidden_weight > 0 distils from a teacher, but none was given.")
+        self.teacher = teacher if alpha > 0 or hidden_weight > 0 else None
+        self.alpha, self.temperature, self.kind, self.hidden_weight = alpha, temperature, kind, hidden_weight
         self.token_level, self.ignore_index = token_level, ignore_index
         self.autocast = autocast or contextlib.nullcontext
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        outputs = model(**batch)
+        with_hidden = self.hidden_weight > 0
+        outputs = model(**batch, **({"output_hidden_states": True} if with_hidden else {}))
         hard = outputs.loss
         if hard is None:
             raise ValueError("The model returned no loss: the batch needs 'labels'.")
         if self.teacher is None:
             return hard, {}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad(), self.autocast():
-            teacher_logits = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        student_logits = outputs.logits
-        if self.token_level:  # only the answer positions' rows (n_answer, vocab) go through the softmaxes
-            answer = batch["labels"][:, 1:] != self.ignore_index
-            student_logits, teacher_logits = student_logits[:, :-1][answer], teacher_logits[:, :-1][answer]
-        del outputs
-        loss, soft = distillation_loss(student_logits, teacher_logits, hard, self.alpha, self.temperature,
-                                       self.kind)
-        return loss, {"task_loss": hard.detach(), "kd_loss": soft.detach()}
+            teacher_outputs = self.teacher(**inputs, **({"output_hidden_states": True} if with_hidden else {}))
+        loss, logs = hard, {"task_loss": hard.detach()}
+        if self.alpha > 0:
+            student_logits, teacher_logits = outputs.logits, teacher_outputs.logits
+            if self.token_level:  # only the answer positions' rows (n_answer, vocab) go through the softmaxes
+                answer = batch["labels"][:, 1:] != self.ignore_index
+                student_logits, teacher_logits = student_logits[:, :-1][answer], teacher_logits[:, :-1][answer]
+            loss, soft = distillation_loss(student_logits, teacher_logits, hard, self.alpha, self.temperature,
+                                           self.kind)
+            logs["kd_loss"] = soft.detach()
+        if with_hidden:
+            hidden = hidden_state_loss(outputs.hidden_states, teacher_outputs.hidden_states,
+                                       batch.get("attention_mask"))
+            loss = loss + self.hidden_weight * hidden
+            logs["hidden_loss"] = hidden.detach()
+        return loss, logs
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,8 +41,9 @@ from inhernet_hf.distill import HCDBranches, HCDLoss, HKTLoss, stage_ends
 from inhernet_hf.students import layer_student
 from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
                                   add_training_args, build_accelerator, build_optimizer, check_common_args,
-                                  create_hub_repo, evaluate, finish_run, inher_config_from_args, inherit_for_training,
-                                  param_counts, prepare_training, resolve_checkpoint, run_results, train)
+                                  check_hidden_states_match, create_hub_repo, evaluate, finish_run,
+                                  inher_config_from_args, inherit_for_training, param_counts, prepare_training,
+                                  resolve_checkpoint, run_results, train)
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -262,6 +263,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if args.distill_method != "kd" and (args.no_inher and not is_student):
             raise ValueError(f"--distill_method {args.distill_method} needs a student or an inherited model (it "
                              f"distils from the teacher); --no_inher trains the teacher.")
+        if args.kd_hidden_weight > 0 and (args.distill_method != "kd" or (args.no_inher and not is_student)):
+            raise ValueError("--kd_hidden_weight adds a term to Hinton KD (--distill_method kd) of an inherited model "
+                             "or a student; it does not apply to HKT, HCD or the teacher run (--no_inher).")
         if args.distill_method == "hcd" and args.hcd_k < 1:
             raise ValueError(f"--hcd_k must be >= 1, got {args.hcd_k}.")
     except ValueError as err:
@@ -314,7 +318,8 @@ def run(args: argparse.Namespace) -> dict:
     wall_start = time.perf_counter()
     task = GLUE_TASKS[args.task_name]
     is_student = args.student_num_layers is not None or args.student_layers is not None
-    use_kd = (is_student or not args.no_inher) and (args.kd_alpha > 0 or args.distill_method != "kd")
+    use_kd = (is_student or not args.no_inher) and (args.kd_alpha > 0 or args.kd_hidden_weight > 0
+                                                    or args.distill_method != "kd")
     if args.no_inher and not is_student and args.teacher_name_or_path:
         print("warning: --teacher_name_or_path is ignored with --no_inher (no distillation).", file=sys.stderr)
     if args.distill_method != "kd" and task.is_regression:
@@ -381,6 +386,11 @@ def run(args: argparse.Namespace) -> dict:
             model = layer_student(model, args.student_num_layers, args.student_layers)
         except ValueError as err:
             raise GlueRecipeError(f"bad student options: {err}") from err
+    if args.kd_hidden_weight > 0:
+        try:
+            check_hidden_states_match(model.config, teacher.config)
+        except ValueError as err:
+            raise GlueRecipeError(str(err)) from err
     if inher_config is not None:
         model = inherit_for_training(accelerator, model, inher_config, processed["train"], collator, args)
     total_params, trainable_params = param_counts(model)
@@ -405,7 +415,8 @@ def run(args: argparse.Namespace) -> dict:
         loss_fn = HKTLoss(teacher, args.hkt_lambda)
     else:
         loss_fn = DistillationLoss(teacher, args.kd_alpha if use_kd else 0.0, args.kd_temperature,
-                                   kind="mse" if task.is_regression else "kl", autocast=accelerator.autocast)
+                                   kind="mse" if task.is_regression else "kl", autocast=accelerator.autocast,
+                                   hidden_weight=args.kd_hidden_weight if use_kd else 0.0)
     predict = ((lambda outputs, batch: outputs.logits.squeeze(-1)) if task.is_regression
                else (lambda outputs, batch: outputs.logits.argmax(dim=-1)))
 

@@ -42,8 +42,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited models load)
 from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
                                   add_training_args, build_accelerator, build_optimizer, check_common_args,
-                                  create_hub_repo, finish_run, inher_config_from_args, inherit_for_training,
-                                  param_counts, prepare_training, resolve_checkpoint, run_results, train)
+                                  check_hidden_states_match, create_hub_repo, finish_run, inher_config_from_args,
+                                  inherit_for_training, param_counts, prepare_training, resolve_checkpoint,
+                                  run_results, train)
 
 HUB_DATASET, HUB_CONFIG = "openai/gsm8k", "main"
 IGNORE_INDEX = -100
@@ -272,6 +273,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         check_common_args(args)
+        if args.no_inher and args.kd_hidden_weight > 0:
+            raise ValueError("--kd_hidden_weight distils an inherited model from the teacher; --no_inher trains the "
+                             "dense model without distillation.")
         for flag in ("max_length", "max_new_tokens", "generation_batch_size"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
@@ -332,7 +336,7 @@ def load_teacher(args: argparse.Namespace, student, tokenizer):
 
 def run(args: argparse.Namespace) -> dict:
     wall_start = time.perf_counter()
-    use_kd = not args.no_inher and args.kd_alpha > 0
+    use_kd = not args.no_inher and (args.kd_alpha > 0 or args.kd_hidden_weight > 0)
     if args.no_inher and args.teacher_name_or_path:
         print("warning: --teacher_name_or_path is ignored with --no_inher (no distillation).", file=sys.stderr)
     inher_config = None
@@ -354,6 +358,11 @@ def run(args: argparse.Namespace) -> dict:
     teacher = load_teacher(args, model, tokenizer) if use_kd else None
     if teacher is not None:
         teacher.to(accelerator.device)
+    if args.kd_hidden_weight > 0:
+        try:
+            check_hidden_states_match(model.config, teacher.config)
+        except ValueError as err:
+            raise Gsm8kRecipeError(str(err)) from err
 
     if args.max_train_samples is not None:
         raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
@@ -386,7 +395,8 @@ def run(args: argparse.Namespace) -> dict:
     model, optimizer, train_dataloader, eval_dataloaders, lr_scheduler, plan = prepare_training(
         accelerator, model, optimizer, train_dataloader, eval_dataloaders, args)
     loss_fn = DistillationLoss(teacher, args.kd_alpha if use_kd else 0.0, args.kd_temperature, kind="kl",
-                               token_level=True, ignore_index=IGNORE_INDEX, autocast=accelerator.autocast)
+                               token_level=True, ignore_index=IGNORE_INDEX, autocast=accelerator.autocast,
+                               hidden_weight=args.kd_hidden_weight if use_kd else 0.0)
     accelerator.print(f"gsm8k: {len(processed['train'])} train / {len(processed['test'])} test examples; "
                       f"{plan.max_train_steps} optimizer steps of {plan.total_batch_size} examples "
                       f"({plan.num_train_epochs} epoch(s)); {'inherited' if inher_config else 'dense'} model with "

@@ -296,6 +296,71 @@ def test_token_level_kd_uses_only_answer_tokens():
     assert loss.item() == pytest.approx(0.6 * 1.5 + 0.4 * expected, rel=1e-6)
 
 
+def test_hidden_state_loss_hand_computed():
+    """Mean over layers (embeddings skipped) of sum ||s - t||^2 / sum ||t||^2 over the unmasked tokens."""
+    from inhernet_hf.training import hidden_state_loss
+
+    embeddings = (torch.zeros(1, 3, 2), torch.full((1, 3, 2), 9.0))  # differ, but are not a layer's output
+    t1 = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [7.0, 7.0]]])
+    s1 = torch.tensor([[[3.0, 1.0], [1.0, 2.0], [0.0, 0.0]]])  # token errors 9, 4, (98: padding)
+    t2 = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [5.0, 5.0]]])
+    s2 = t2.clone()
+    mask = torch.tensor([[1, 1, 0]])
+    layer1 = (9.0 + 4.0) / (25.0 + 1.0)
+    value = hidden_state_loss((embeddings[1], s1, s2), (embeddings[0], t1, t2), mask)
+    assert value.item() == pytest.approx((layer1 + 0.0) / 2)
+    unmasked = hidden_state_loss((embeddings[1], s1, s2), (embeddings[0], t1, t2))
+    assert unmasked.item() == pytest.approx(((9.0 + 4.0 + 98.0) / (25.0 + 1.0 + 98.0) + 0.0) / 2)
+    with pytest.raises(ValueError, match="the student has 1 layers and the teacher 2"):
+        hidden_state_loss((embeddings[0], s1), (embeddings[0], t1, t2))
+    with pytest.raises(ValueError, match=r"student's are \(1, 3, 1\), the teacher's \(1, 3, 2\)"):
+        hidden_state_loss((embeddings[0], s1[..., :1]), (embeddings[0], t1))
+
+
+def test_hidden_state_term_on_an_inherited_minilm():
+    """DistillationLoss(hidden_weight=b) on the real MiniLM inherited at ratio 0.5: the logged term is
+    hidden_state_loss of the two models' hidden states on the non-padding tokens, the loss is
+    (1 - a) CE + a KL + b * term, and a few optimizer steps on it pull the student's hidden states to the teacher's."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from inhernet_hf import InherConfig, get_inher_model
+    from inhernet_hf.training import DistillationLoss, hidden_state_loss, kd_kl_loss
+
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
+    student = get_inher_model(copy.deepcopy(teacher), InherConfig(target_ratio=0.5, num_heads=2),
+                              progressbar=False).base_model.eval()  # eval: no dropout, so the terms are comparable
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    batch = dict(tokenizer(["A man is playing a guitar.", "The cat sat."], ["Someone plays music.", "A dog ran."],
+                           padding=True, return_tensors="pt"), labels=torch.tensor([0, 1]))
+    assert batch["attention_mask"].min() == 0  # padding present: the mask matters
+    loss_fn = DistillationLoss(teacher, alpha=0.3, temperature=2.0, hidden_weight=0.5)
+    loss, logs = loss_fn(student, batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        s, t = student(**batch, output_hidden_states=True), teacher(**inputs, output_hidden_states=True)
+    expected_hidden = hidden_state_loss(s.hidden_states, t.hidden_states, batch["attention_mask"])
+    assert logs["hidden_loss"].item() == pytest.approx(expected_hidden.item(), rel=1e-5) and expected_hidden > 0.01
+    expected = 0.7 * s.loss + 0.3 * kd_kl_loss(s.logits, t.logits, 2.0) + 0.5 * expected_hidden
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    hidden_only = DistillationLoss(teacher, alpha=0.0, hidden_weight=1.0)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    first = None
+    for _ in range(5):
+        loss, logs = hidden_only(student, batch)
+        assert "kd_loss" not in logs and loss.item() == pytest.approx((logs["task_loss"] + logs["hidden_loss"]).item())
+        first = logs["hidden_loss"].item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert hidden_only(student, batch)[1]["hidden_loss"].item() < 0.75 * first  # 0.57 -> 0.38
+    with pytest.raises(ValueError, match="distils from a teacher, but none was given"):
+        DistillationLoss(None, alpha=0.0, hidden_weight=1.0)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # NaN/Inf stop and checkpoint resolution (in process, a toy model)
 # ------------------------------------------------------------------------------------------------------------------
@@ -484,3 +549,16 @@ def test_bad_inheritance_and_resume_options(tmp_path, capsys):
     message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--no_inher",
                      "--resume_from_checkpoint", tmp_path / "nope"], tmp_path, capsys)
     assert "no such folder" in message
+
+
+@needs_glue
+def test_hidden_state_distillation_options(teacher, tmp_path, capsys):
+    message = _fail([*SST2, "--model_name_or_path", teacher, "--kd_hidden_weight", "-1"], tmp_path, capsys)
+    assert "--kd_hidden_weight must be >= 0, got -1.0" in message
+    message = _fail([*SST2, "--model_name_or_path", teacher, "--no_inher", "--kd_hidden_weight", "1"], tmp_path,
+                    capsys)
+    assert "does not apply to HKT, HCD or the teacher run" in message
+    # A 3-layer student of the 6-layer teacher cannot be matched layer by layer: refused before training.
+    message = _fail([*SST2, "--model_name_or_path", teacher, "--student_num_layers", "3", "--kd_hidden_weight", "1"],
+                    tmp_path, capsys)
+    assert "(layers, hidden size) = (6, 384); it has (3, 384)" in message

@@ -173,6 +173,9 @@ def test_missing_files_and_bad_jsonl(recipe, tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipe.parse_args([*base, "--max_new_tokens", "0"])
     assert "--max_new_tokens must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.parse_args([*base, "--no_inher", "--kd_hidden_weight", "1"])
+    assert "--kd_hidden_weight distils an inherited model" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------------------
