@@ -10,6 +10,17 @@ from inhernet_hf.offline_models import smollm2_path
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def tiny_llama(vocab_size: int = 64, hidden_size: int = 32, num_hidden_layers: int = 2, **config):
+    """A random LlamaForCausalLM (torch seed 0) with grouped-query attention (4 query, 2 key/value heads) and an MLP
+    twice as wide as `hidden_size`; `config` adds or overrides LlamaConfig fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_hidden_layers, "num_attention_heads": 4, "num_key_value_heads": 2, **config}))
+
+
 def rank_r_reference(weight: torch.Tensor, rank: int) -> torch.Tensor:
     """U_r S_r V_r^T in float64: the best rank-r approximation of `weight` (out, in)."""
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)

@@ -12,7 +12,7 @@ from inhernet_hf.distill import (HCDBranches, HCDLoss, HKTLoss, genetic_mixture,
                                  orthogonality_loss, stage_ends)
 from inhernet_hf.students import (evenly_spaced_layers, layer_student, layer_student_param_count,
                                   matched_target_ratio)
-from reference import minilm_path
+from reference import minilm_path, tiny_llama
 
 
 def softplus(x: float) -> float:
@@ -202,11 +202,7 @@ def test_layer_student_of_real_minilm(minilm_classifier, tmp_path):
 
 
 def test_layer_student_of_a_decoder_keeps_the_kv_cache_consistent():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                           num_attention_heads=4, num_key_value_heads=2)).eval()
+    teacher = tiny_llama(num_hidden_layers=4).eval()
     student = layer_student(teacher, layers=[1, 3]).eval()
     assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
     ids = torch.randint(0, 64, (1, 6))

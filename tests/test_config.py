@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from inhernet_hf import InherConfig, InherLinear, get_inher_model
+from reference import tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -54,12 +53,9 @@ def test_config_round_trips_through_json():
         InherConfig.from_dict({**config.to_dict(), "alpha": 1})
 
 
-@pytest.fixture
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(cfg)
+@pytest.fixture(name="tiny_llama")
+def tiny_llama_fixture():
+    return tiny_llama()
 
 
 def test_targets_that_match_nothing_list_the_linear_layers(tiny_llama):

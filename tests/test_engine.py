@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from inhernet_hf import InherConfig, InherLinear, get_inher_model
 from inhernet_hf.factor import spectrum
-from reference import minilm_path, rank_r_reference, requires_cuda
+from reference import minilm_path, rank_r_reference, requires_cuda, tiny_llama
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -40,10 +39,8 @@ def test_whitened_init_reaches_closed_form_minimum(n_tokens):
     assert output_error(dense.weight, layer, x) <= plain.square().sum().item()
 
 
-def tiny_llama(hidden=64, layers=3):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
+def engine_llama(hidden_size=64, num_hidden_layers=3):
+    return tiny_llama(vocab_size=96, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
 
 
 def calibration(n_batches=3, batch=4, length=24):
@@ -57,8 +54,8 @@ def test_calibration_on_a_cuda_model_with_cpu_batches_matches_the_cpu_run():
     on the CPU, so the two inherited models compute the same logits (to float32 rounding)."""
     config = dict(target_ratio=0.5, num_heads=2, init="whitened", rank_allocation="activation")
     batches = calibration()
-    on_cpu = get_inher_model(tiny_llama(), InherConfig(**config), calibration_data=batches, progressbar=False)
-    on_cuda = get_inher_model(tiny_llama().cuda(), InherConfig(**config), calibration_data=batches, progressbar=False)
+    on_cpu = get_inher_model(engine_llama(), InherConfig(**config), calibration_data=batches, progressbar=False)
+    on_cuda = get_inher_model(engine_llama().cuda(), InherConfig(**config), calibration_data=batches, progressbar=False)
     assert [r.rank for r in on_cuda.report().rows] == [r.rank for r in on_cpu.report().rows]
     with torch.no_grad():
         expected = on_cpu(**batches[0], use_cache=False).logits
@@ -69,7 +66,7 @@ def test_calibration_on_a_cuda_model_with_cpu_batches_matches_the_cpu_run():
 def test_block_by_block_pipeline_is_optimal_for_the_inputs_each_layer_sees():
     """Each block is factored on the inputs that reach it through the already compressed blocks: re-running the
     final model, every layer's output error on its inputs equals the closed-form minimum for those inputs."""
-    model = tiny_llama()
+    model = engine_llama()
     dense = copy.deepcopy(model)
     batches = calibration()
     inherited = get_inher_model(model, InherConfig(r=8, num_heads=2, init="whitened"), calibration_data=batches,
@@ -95,7 +92,7 @@ def test_block_by_block_pipeline_is_optimal_for_the_inputs_each_layer_sees():
 
 @pytest.mark.parametrize("allocation", ["energy", "activation"])
 def test_allocation_meets_budget_with_min_rank_multiple_and_pattern(allocation):
-    model = tiny_llama(hidden=128, layers=4)
+    model = engine_llama(hidden_size=128, num_hidden_layers=4)
     config = InherConfig(target_ratio=0.5, num_heads=2, rank_allocation=allocation, min_rank=8, rank_multiple=4,
                          rank_pattern={r"layers\.0\.mlp\.down_proj": 20})
     inherited = get_inher_model(model, config, calibration_data=calibration() if allocation == "activation" else None,
@@ -115,7 +112,7 @@ def test_activation_allocation_differs_from_energy():
     configs = {a: InherConfig(target_ratio=0.5, num_heads=1, rank_allocation=a) for a in ("energy", "activation")}
     ranks = {}
     for allocation, config in configs.items():
-        report = get_inher_model(tiny_llama(), config, progressbar=False,
+        report = get_inher_model(engine_llama(), config, progressbar=False,
                                  calibration_data=calibration() if allocation == "activation" else None).report()
         ranks[allocation] = [r.rank for r in report.rows]
     assert ranks["energy"] != ranks["activation"]
@@ -148,7 +145,7 @@ def assert_untouched(model, reference):
     ],
 )
 def test_bad_requests_fail_clearly_and_leave_model_untouched(config, data, error, message):
-    model = tiny_llama()
+    model = engine_llama()
     reference = copy.deepcopy(model)
     with pytest.raises(error, match=message):
         get_inher_model(model, InherConfig(**config), calibration_data=data, progressbar=False)
@@ -156,7 +153,7 @@ def test_bad_requests_fail_clearly_and_leave_model_untouched(config, data, error
 
 
 def test_activation_allocation_without_logits_is_a_clear_error():
-    model = tiny_llama().model  # LlamaModel: hidden states, no logits
+    model = engine_llama().model  # LlamaModel: hidden states, no logits
     reference = copy.deepcopy(model)
     with pytest.raises(ValueError, match="needs a model whose outputs have logits.*LlamaModel returns BaseModelOutput"):
         get_inher_model(model, InherConfig(target_ratio=0.5, rank_allocation="activation",

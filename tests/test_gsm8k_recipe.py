@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recipes import DATA_DIR, RECIPES, launch, load_recipe, results
-from reference import SMOLLM2_GGUF, smollm2_dir
+from reference import SMOLLM2_GGUF, smollm2_dir, tiny_llama
 
 GSM8K = DATA_DIR / "gsm8k"
 needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(),
@@ -130,11 +130,7 @@ def test_answer_nll_equals_the_models_own_loss(recipe):
     """Per-token NLL over the answer tokens of all batches = the model's mean cross-entropy on the same labels
     (computed on the concatenation: one batch holding every example)."""
     from accelerate import Accelerator
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = tiny_llama(vocab_size=50).eval()
     ids = torch.randint(0, 50, (5, 9))
     labels = ids.clone()
     labels[:, :4] = -100                    # prompts

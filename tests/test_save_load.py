@@ -11,19 +11,17 @@ import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hub_server import recording_hub, run_python
 from inhernet_hf import InherConfig, InherLinear, InherModel, get_inher_model
+from reference import tiny_llama
 
-TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
 IDS = torch.tensor([[3, 14, 15, 9, 26, 5], [35, 8, 9, 7, 9, 3]])
 
 
 def tiny_inherited(**config):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    model = tiny_llama(max_position_embeddings=64)
     return get_inher_model(model, InherConfig(**{"r": 8, "num_heads": 2, **config}), progressbar=False)
 
 
@@ -125,7 +123,7 @@ def test_future_format_version_says_so(saved):
 
 
 def test_dense_checkpoint_is_not_an_inherited_one(tmp_path):
-    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(tmp_path)
+    tiny_llama(max_position_embeddings=64).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="is not an inhernet_hf checkpoint.*get_inher_model"):
         InherModel.from_pretrained(tmp_path)
 

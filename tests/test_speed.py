@@ -9,7 +9,7 @@ import torch
 
 from inhernet_hf import InherLinear
 from recipes import RECIPES, load_recipe
-from reference import explicit_gated_sum, rank_r_reference, rel_err, requires_cuda
+from reference import explicit_gated_sum, rank_r_reference, rel_err, requires_cuda, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -68,11 +68,7 @@ def test_speed_recipe_prints_ratios_to_dense(tmp_path):
 
 def tiny_llama_folder(folder) -> None:
     """A 2-layer random Llama with GQA, saved to `folder`: a causal LM the speed recipe loads in a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    tiny_llama(vocab_size=128, hidden_size=64).save_pretrained(folder)
 
 
 def test_speed_recipe_compiles_prefill_and_decode(tmp_path):
