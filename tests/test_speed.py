@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from inhernet_hf import InherLinear
+from inhernet_hf import InherConfig, InherLinear, get_inher_model
 from recipes import RECIPES, load_recipe
 from reference import explicit_gated_sum, rank_r_reference, rel_err, requires_cuda, tiny_llama
 
@@ -113,6 +113,38 @@ def test_speed_recipe_keeps_the_rows_of_a_run_stopped_part_way(tmp_path, monkeyp
     bad = subprocess.run([sys.executable, str(RECIPES / "speed.py"), "--model", "minilm", "--ratios", "0.5", "1.5"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "bad --ratios / --heads / --rank_multiple" in bad.stderr and "1.5" in bad.stderr
+
+
+def test_profile_recipe_counts_the_gated_layers_operators(tmp_path):
+    """recipes/profile_forward.py on a tiny Llama: per forward, dense runs one GEMM per projection plus the LM head and
+    no softmax (its attention is fused); M = 1 runs two GEMMs per inherited projection; M = 2 adds the gate's GEMM
+    and its softmax. The class totals add up to the profiled time."""
+    tiny_llama_folder(tmp_path / "llama")
+    subprocess.run([sys.executable, str(RECIPES / "profile_forward.py"), "--model", str(tmp_path / "llama"),
+                    "--ratios", "0.5", "--heads", "1", "2", "--batch_size", "2", "--seq_len", "16", "--warmup", "1",
+                    "--forwards", "2", "--output_json", str(tmp_path / "profile.json")],
+                   capture_output=True, text=True, check=True)
+    models = json.loads((tmp_path / "profile.json").read_text())["models"]
+    assert list(models) == ["dense", "r0.5-M1", "r0.5-M2"]
+    profile_forward = load_recipe("profile_forward")
+
+    def calls(name, cls):
+        return sum(op["calls"] for op_name, op in models[name]["ops"].items() if profile_forward.op_class(op_name) == cls)
+
+    dense_linears = 7 * 2 + 1  # q, k, v, o, gate, up, down in each of 2 layers, and the LM head
+    assert (calls("dense", "GEMM"), calls("dense", "softmax")) == (dense_linears, 0)
+    for heads in (1, 2):  # k and v (64 -> 32) stay dense at rank multiples of 16: count what was inherited
+        model = get_inher_model(tiny_llama(vocab_size=128, hidden_size=64), InherConfig(
+            target_ratio=0.5, num_heads=heads, rank_multiple=16), progressbar=False)
+        inherited = [m for m in model.modules() if isinstance(m, InherLinear)]
+        gated = sum(m.inher_gate is not None for m in inherited)
+        assert len(inherited) >= 8 and gated == (len(inherited) if heads == 2 else 0)
+        expected = dense_linears - len(inherited) + 2 * len(inherited) + gated  # down + up (+ gate) per layer
+        assert (calls(f"r0.5-M{heads}", "GEMM"), calls(f"r0.5-M{heads}", "softmax")) == (expected, gated)
+    for result in models.values():
+        totals = profile_forward.class_totals(result["ops"])
+        assert totals["GEMM"] > 0 and result["forward_s"] > 0
+        assert totals["profiled"] == pytest.approx(sum(op["self_s"] for op in result["ops"].values()))
 
 
 def test_compiled_models_past_dynamo_recompile_limit_stay_compiled():
