@@ -149,9 +149,10 @@ def add_kd_args(parser: argparse.ArgumentParser, alpha: float = 0.5,
     group.add_argument("--teacher_name_or_path", type=str, default=None,
                        help="Frozen teacher (a fine-tuned model folder or Hub id). Default: --model_name_or_path.")
     group.add_argument("--kd_hidden_weight", type=float, default=0.0,
-                       help="Weight b of a layer-wise hidden-state term added to the loss: b * mean over layers of "
-                            "||h_student - h_teacher||^2 / ||h_teacher||^2 on the non-padding tokens. The student "
-                            "needs the teacher's layers and hidden size (an inherited model has them). 0 disables it.")
+                       help="Weight b of a layer-wise hidden-state term added to the loss: b * the mean over layers "
+                            "of sum ||h_student - h_teacher||^2 / sum ||h_teacher||^2, the sums over the non-padding "
+                            "tokens. The student needs the teacher's layers and hidden size (an inherited model has "
+                            "them). 0 disables it.")
     return parser
 
 
@@ -387,8 +388,9 @@ def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: 
     """Layer-wise relative error of the hidden states: the mean over layers l of
     sum ||h_s^l - h_t^l||^2 / sum ||h_t^l||^2, the sums over the positions where `mask` (batch, length) is 1.
 
-    Takes the models' `hidden_states` tuples (the embeddings, then one (batch, length, hidden) entry per layer); the
-    embeddings are skipped. Computed in float32."""
+    Takes the models' `hidden_states` tuples (the embeddings, then one (batch, length, hidden) entry per layer, the
+    last one after the final norm in models that have one, as Llama); the embeddings are skipped. Computed in
+    float32."""
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(f"hidden-state distillation matches layers one to one, but the student has "
                          f"{len(student_hidden) - 1} layers and the teacher {len(teacher_hidden) - 1}.")
@@ -433,8 +435,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 class DistillationLoss:
     """Per-batch loss for `train`: the model's own loss (`outputs.loss`, computed from `batch['labels']`), mixed
-    with a KD term against a frozen `teacher` when one is given and `alpha > 0`, plus `hidden_weight` times the
-    layer-wise `hidden_state_loss` (on the tokens of `batch['attention_mask']`) when `hidden_weight > 0`.
+    with a KD term against the frozen `teacher` when `alpha > 0`, plus `hidden_weight` times the layer-wise
+    `hidden_state_loss` (on the tokens of `batch['attention_mask']`) when `hidden_weight > 0`. Either needs a
+    teacher; with neither, the teacher is not used.
 
     `token_level=True` is for causal LMs: logits at position i predict token i+1, so the KD term compares
     `logits[:, :-1]` on the positions whose next-token label is not `ignore_index` (the answer tokens); only those
@@ -448,7 +451,8 @@ class DistillationLoss:
         if kind not in ("kl", "mse"):
             raise ValueError(f"kind must be 'kl' or 'mse', got {kind!r}.")
         if (alpha > 0 or hidden_weight > 0) and teacher is None:
-            raise ValueError("alpha > 0 or hidden_weight > 0 distils from a teacher, but none was given.")
+            raise ValueError(f"alpha={alpha} / hidden_weight={hidden_weight} distil from a teacher, but none was "
+                             f"given (pass the teacher, or alpha=0 and hidden_weight=0).")
         self.teacher = teacher if alpha > 0 or hidden_weight > 0 else None
         self.alpha, self.temperature, self.kind, self.hidden_weight = alpha, temperature, kind, hidden_weight
         self.token_level, self.ignore_index = token_level, ignore_index
@@ -457,28 +461,30 @@ class DistillationLoss:
             self.teacher.eval().requires_grad_(False)
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with_hidden = self.hidden_weight > 0
-        outputs = model(**batch, **({"output_hidden_states": True} if with_hidden else {}))
+        hidden_kwargs = {"output_hidden_states": True} if self.hidden_weight > 0 else {}
+        outputs = model(**batch, **hidden_kwargs)
         hard = outputs.loss
         if hard is None:
             raise ValueError("The model returned no loss: the batch needs 'labels'.")
         if self.teacher is None:
             return hard, {}
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        student_logits, student_hidden = outputs.logits, outputs.hidden_states if hidden_kwargs else None
+        del outputs  # keep only what the terms need: no other output of either model outlives this call
         with torch.no_grad(), self.autocast():
-            teacher_outputs = self.teacher(**inputs, **({"output_hidden_states": True} if with_hidden else {}))
+            teacher = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}, **hidden_kwargs)
+        teacher_logits, teacher_hidden = teacher.logits, teacher.hidden_states if hidden_kwargs else None
+        del teacher
         loss, logs = hard, {"task_loss": hard.detach()}
         if self.alpha > 0:
-            student_logits, teacher_logits = outputs.logits, teacher_outputs.logits
             if self.token_level:  # only the answer positions' rows (n_answer, vocab) go through the softmaxes
                 answer = batch["labels"][:, 1:] != self.ignore_index
                 student_logits, teacher_logits = student_logits[:, :-1][answer], teacher_logits[:, :-1][answer]
             loss, soft = distillation_loss(student_logits, teacher_logits, hard, self.alpha, self.temperature,
                                            self.kind)
             logs["kd_loss"] = soft.detach()
-        if with_hidden:
-            hidden = hidden_state_loss(outputs.hidden_states, teacher_outputs.hidden_states,
-                                       batch.get("attention_mask"))
+        del student_logits, teacher_logits
+        if self.hidden_weight > 0:
+            hidden = hidden_state_loss(student_hidden, teacher_hidden, batch.get("attention_mask"))
             loss = loss + self.hidden_weight * hidden
             logs["hidden_loss"] = hidden.detach()
         return loss, logs

@@ -265,7 +265,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              f"distils from the teacher); --no_inher trains the teacher.")
         if args.kd_hidden_weight > 0 and (args.distill_method != "kd" or (args.no_inher and not is_student)):
             raise ValueError("--kd_hidden_weight adds a term to Hinton KD (--distill_method kd) of an inherited model "
-                             "or a student; it does not apply to HKT, HCD or the teacher run (--no_inher).")
+                             "(or of a student with the teacher's depth and width); it does not apply to HKT, HCD or "
+                             "the teacher run (--no_inher).")
         if args.distill_method == "hcd" and args.hcd_k < 1:
             raise ValueError(f"--hcd_k must be >= 1, got {args.hcd_k}.")
     except ValueError as err:

@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     add_launch_args(parser)
     args = parser.parse_args()
+    if args.kd_hidden_weight < 0:
+        parser.error(f"--kd_hidden_weight must be >= 0, got {args.kd_hidden_weight}.")
     model = args.model_name_or_path or minilm_path()
     root = Path(args.output_root)
     common = ["--max_length", str(args.max_length), "--per_device_train_batch_size", str(args.per_device_train_batch_size),

@@ -6,7 +6,8 @@
 Each model (dense, then each target_ratio x num_heads variant, built one at a time next to dense) runs `--warmup`
 eager forwards over a (batch_size, seq_len) batch of random token ids, then `--forwards` forwards under
 torch.profiler. An operator's time is its self time per forward (CPU time on a CPU; on CUDA the device time of the
-kernels it launched), so the operators' times add up to the forward without double counting. The summary groups
+kernels it launched itself, the kernels' own rows left out), so the operators' times add up to the forward without
+double counting. The summary groups
 them: GEMMs (mm, addmm, bmm, ...), fused attention, softmax (a gated layer's gate; dense Llama attention fuses its
 own) and everything else (norms, activations, rotary, residuals, copies). "forward" is the wall time of an
 unprofiled forward, median of `--forwards`. Operator times depend on shapes only, so the weights' values do not
@@ -21,6 +22,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
@@ -29,7 +31,7 @@ from speed import load_dense, timed
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
 ATTENTION_MARKERS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
-SOFTMAX_OPS = {"aten::_softmax", "aten::_softmax_backward_data"}
+SOFTMAX_OPS = {"aten::_softmax"}
 
 
 def op_class(name: str) -> str:
@@ -56,6 +58,8 @@ def profile_forward(model, batch: torch.Tensor, device: str, warmup: int, forwar
                 torch.cuda.synchronize()
     ops = {}
     for event in prof.key_averages():
+        if event.device_type != DeviceType.CPU:  # a kernel's own row: its time is already its launching operator's
+            continue
         self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if self_us > 0:
             ops[event.key] = {"calls": event.count / forwards, "self_s": self_us / 1e6 / forwards}

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from torch import nn
+
 from inhernet_hf import InherConfig, InherLinear, get_inher_model
 from reference import tiny_llama
 

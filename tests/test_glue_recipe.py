@@ -357,8 +357,9 @@ def test_hidden_state_term_on_an_inherited_minilm():
         loss.backward()
         optimizer.step()
     assert hidden_only(student, batch)[1]["hidden_loss"].item() < 0.75 * first  # 0.57 -> 0.38
-    with pytest.raises(ValueError, match="distils from a teacher, but none was given"):
-        DistillationLoss(None, alpha=0.0, hidden_weight=1.0)
+    for alpha, hidden_weight in ((0.0, 1.0), (0.5, 0.0)):
+        with pytest.raises(ValueError, match="distil from a teacher, but none was given"):
+            DistillationLoss(None, alpha=alpha, hidden_weight=hidden_weight)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -562,3 +563,15 @@ def test_hidden_state_distillation_options(teacher, tmp_path, capsys):
     message = _fail([*SST2, "--model_name_or_path", teacher, "--student_num_layers", "3", "--kd_hidden_weight", "1"],
                     tmp_path, capsys)
     assert "(layers, hidden size) = (6, 384); it has (3, 384)" in message
+
+    # Accepted: 2 steps on the hidden-state term alone (no logit KD) train and change the loss against plain CE.
+    recipe = load_recipe()
+    losses = {}
+    for weight in ("0", "1"):
+        out = tmp_path / f"hidden_{weight}"
+        r = recipe.main([*SST2, "--model_name_or_path", str(teacher), "--inher_target_ratio", "0.5", "--kd_alpha", "0",
+                         "--kd_hidden_weight", weight, "--max_train_steps", "2", "--per_device_train_batch_size", "8",
+                         "--max_eval_samples", "16", "--output_dir", str(out)])
+        assert r["inherited"] and r["kd"] == (weight == "1") and math.isfinite(r["train_loss"])
+        losses[weight] = r["train_loss"]
+    assert losses["1"] > losses["0"]  # the same two batches: CE + a positive term

@@ -130,6 +130,7 @@ def test_answer_nll_equals_the_models_own_loss(recipe):
     """Per-token NLL over the answer tokens of all batches = the model's mean cross-entropy on the same labels
     (computed on the concatenation: one batch holding every example)."""
     from accelerate import Accelerator
+
     model = tiny_llama(vocab_size=50).eval()
     ids = torch.randint(0, 50, (5, 9))
     labels = ids.clone()
@@ -145,6 +146,33 @@ def test_answer_nll_equals_the_models_own_loss(recipe):
     assert metrics["answer_nll"] == pytest.approx(expected, rel=1e-5)
     assert metrics["answer_perplexity"] == pytest.approx(float(torch.tensor(expected).exp()), rel=1e-5)
     assert metrics["answer_tokens"] == int((labels[:, 1:] != -100).sum()) and metrics["nll_samples"] == 5
+
+
+def test_token_level_kd_with_the_hidden_state_term():
+    """The recipe's loss for an inherited causal LM: (1 - a) CE + a KL on the answer tokens + b * hidden_state_loss on
+    every attended token (Llama's last hidden state is after the final norm, in both models)."""
+    from inhernet_hf import InherConfig, get_inher_model
+    from inhernet_hf.training import DistillationLoss, hidden_state_loss, kd_kl_loss
+
+    teacher = tiny_llama(vocab_size=50).eval()
+    student = get_inher_model(tiny_llama(vocab_size=50), InherConfig(r=8, num_heads=2), progressbar=False).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    labels, mask = ids.clone(), torch.ones_like(ids)
+    labels[:, :4] = -100
+    labels[1, 7:], mask[1, 7:] = -100, 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    loss_fn = DistillationLoss(teacher, alpha=0.5, temperature=1.0, token_level=True, hidden_weight=0.3)
+    loss, logs = loss_fn(student, batch)
+    with torch.no_grad():
+        s = student(**batch, output_hidden_states=True)
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    answer = labels[:, 1:] != -100
+    kd = kd_kl_loss(s.logits[:, :-1][answer], t.logits[:, :-1][answer], 1.0)
+    hidden = hidden_state_loss(s.hidden_states, t.hidden_states, mask)
+    assert len(s.hidden_states) == 3 and hidden > 0  # embeddings + 2 layers; the inherited layers differ
+    assert logs["kd_loss"].item() == pytest.approx(kd.item(), rel=1e-5)
+    assert logs["hidden_loss"].item() == pytest.approx(hidden.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((0.5 * s.loss + 0.5 * kd + 0.3 * hidden).item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------------

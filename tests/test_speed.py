@@ -115,14 +115,15 @@ def test_speed_recipe_keeps_the_rows_of_a_run_stopped_part_way(tmp_path, monkeyp
     assert bad.returncode == 2 and "bad --ratios / --heads / --rank_multiple" in bad.stderr and "1.5" in bad.stderr
 
 
-def test_profile_recipe_counts_the_gated_layers_operators(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_profile_recipe_counts_the_gated_layers_operators(tmp_path, device):
     """recipes/profile_forward.py on a tiny Llama: per forward, dense runs one GEMM per projection plus the LM head and
     no softmax (its attention is fused); M = 1 runs two GEMMs per inherited projection; M = 2 adds the gate's GEMM
-    and its softmax. The class totals add up to the profiled time."""
+    and its softmax. On CUDA the same counts hold with kernel time credited to the launching operator only."""
     tiny_llama_folder(tmp_path / "llama")
     subprocess.run([sys.executable, str(RECIPES / "profile_forward.py"), "--model", str(tmp_path / "llama"),
                     "--ratios", "0.5", "--heads", "1", "2", "--batch_size", "2", "--seq_len", "16", "--warmup", "1",
-                    "--forwards", "2", "--output_json", str(tmp_path / "profile.json")],
+                    "--forwards", "2", "--device", device, "--output_json", str(tmp_path / "profile.json")],
                    capture_output=True, text=True, check=True)
     models = json.loads((tmp_path / "profile.json").read_text())["models"]
     assert list(models) == ["dense", "r0.5-M1", "r0.5-M2"]
@@ -142,9 +143,8 @@ def test_profile_recipe_counts_the_gated_layers_operators(tmp_path):
         expected = dense_linears - len(inherited) + 2 * len(inherited) + gated  # down + up (+ gate) per layer
         assert (calls(f"r0.5-M{heads}", "GEMM"), calls(f"r0.5-M{heads}", "softmax")) == (expected, gated)
     for result in models.values():
-        totals = profile_forward.class_totals(result["ops"])
-        assert totals["GEMM"] > 0 and result["forward_s"] > 0
-        assert totals["profiled"] == pytest.approx(sum(op["self_s"] for op in result["ops"].values()))
+        assert profile_forward.class_totals(result["ops"])["GEMM"] > 0 and result["forward_s"] > 0
+        assert all(not name.startswith(("void ", "ampere", "sm90", "cutlass")) for name in result["ops"])  # no kernels
 
 
 def test_compiled_models_past_dynamo_recompile_limit_stay_compiled():
