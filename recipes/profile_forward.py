@@ -26,8 +26,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
-from inhernet_hf import InherConfig, get_inher_model
-from speed import load_dense, timed
+from inhernet_hf import get_inher_model
+from speed import add_variant_args, load_dense, model_dtype, timed, variant_configs
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
 ATTENTION_MARKERS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
@@ -102,18 +102,12 @@ def print_tables(results: dict, top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="'smollm2', 'minilm' (offline) or a causal LM Hub id/folder.")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--heads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rank_multiple", type=int, default=16, help="InherConfig.rank_multiple (as speed.py).")
+    add_variant_args(parser, ratios=[0.5], heads=[1, 2])
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=2, help="Unprofiled forwards before measuring.")
     parser.add_argument("--forwards", type=int, default=1, help="Profiled (and timed) forwards per model.")
     parser.add_argument("--top", type=int, default=12, help="Operators listed in the second table.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="Default: bfloat16 on CUDA, float32 on CPU.")
     parser.add_argument("--output_json", default=None, help="Write every model's per-operator times here.")
     args = parser.parse_args()
     for flag in ("batch_size", "seq_len", "forwards", "top"):
@@ -121,13 +115,8 @@ def main() -> None:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}.")
-    try:  # checked before the model is loaded
-        configs = {f"r{ratio}-M{heads}": InherConfig(target_ratio=ratio, num_heads=heads,
-                                                     rank_multiple=args.rank_multiple)
-                   for ratio in args.ratios for heads in args.heads}
-    except (TypeError, ValueError) as err:
-        parser.error(f"bad --ratios / --heads / --rank_multiple: {err}")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    configs = variant_configs(parser, args)
+    dtype = model_dtype(args)
     torch.manual_seed(0)
 
     dense = load_dense(args.model, dtype, args.device)

@@ -198,32 +198,49 @@ def write_json(args: argparse.Namespace, rows: list[dict], complete: bool) -> No
     tmp.replace(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_variant_args(parser: argparse.ArgumentParser, ratios: list[float], heads: list[int]) -> None:
+    """--model, --ratios, --heads, --rank_multiple, --device and --dtype: the dense model and the grid of inherited
+    variants compared with it (shared with profile_forward.py)."""
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'minilm' (offline) or a causal LM Hub id/folder.")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.5, 0.4])
-    parser.add_argument("--heads", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--ratios", type=float, nargs="+", default=ratios)
+    parser.add_argument("--heads", type=int, nargs="+", default=heads)
     parser.add_argument("--rank_multiple", type=int, default=16,
                         help="InherConfig.rank_multiple: 16 keeps every row of the latent h on 64-byte boundaries "
                              "(one AVX-512 register of float32, two of bfloat16), which CPU and GPU GEMMs both favour.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="Default: bfloat16 on CUDA, float32 on CPU.")
+
+
+def variant_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, InherConfig]:
+    """{"r{ratio}-M{heads}": InherConfig} of every grid point, checked before minutes of loading and warm-up: a bad
+    value is a parser error."""
+    try:
+        return {f"r{ratio}-M{heads}": InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=args.rank_multiple)
+                for ratio in args.ratios for heads in args.heads}
+    except (TypeError, ValueError) as err:
+        parser.error(f"bad --ratios / --heads / --rank_multiple: {err}")
+
+
+def model_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype, else bfloat16 on CUDA and float32 on CPU."""
+    return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_variant_args(parser, ratios=[1.0, 0.8, 0.6, 0.5, 0.4], heads=[1, 2, 3])
     parser.add_argument("--prefill_batch_sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="Default: bfloat16 on CUDA, float32 on CPU.")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no",
                         help="torch.compile the models (both: eager and compiled rows).")
     parser.add_argument("--output_json", default=None,
                         help="Write the rows here, rewritten after every variant ('complete': false until the end).")
     args = parser.parse_args()
-    try:  # every variant's config, checked before minutes of loading and warm-up
-        configs = {(ratio, heads): InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=args.rank_multiple)
-                   for ratio in args.ratios for heads in args.heads}
-    except (TypeError, ValueError) as err:
-        parser.error(f"bad --ratios / --heads / --rank_multiple: {err}")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    configs = variant_configs(parser, args)
+    dtype = model_dtype(args)
     torch.manual_seed(0)
 
     dense = load_dense(args.model, dtype, args.device)
@@ -256,8 +273,7 @@ def main() -> None:
     pairs = {compiled: {} for compiled in modes}  # {compiled: {variant: {key: [(dense s, variant s), ...]}}}
     memory = {compiled: {"dense": peak_memory(dense_runners[compiled], batches[max(batches)], args.device)}
               for compiled in modes}
-    for (ratio, heads), config in tqdm(configs.items(), desc="Variants"):  # one at a time in memory, next to dense
-        name = f"r{ratio}-M{heads}"
+    for name, config in tqdm(configs.items(), desc="Variants"):  # one at a time in memory, next to dense
         inherited = get_inher_model(copy.deepcopy(dense), config, progressbar=False)
         model = inherited.base_model.eval()
         facts[name] = {"targeted_ratio": inherited.report().ratio, "params": sum(p.numel() for p in model.parameters()),
