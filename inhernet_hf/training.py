@@ -394,6 +394,7 @@ def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: 
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(f"hidden-state distillation matches layers one to one, but the student has "
                          f"{len(student_hidden) - 1} layers and the teacher {len(teacher_hidden) - 1}.")
+    keep = None if mask is None else mask.to(student_hidden[-1].device, torch.bool)
     errors = []
     for student, teacher in zip(student_hidden[1:], teacher_hidden[1:]):
         if student.shape != teacher.shape:
@@ -402,8 +403,7 @@ def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: 
         teacher = teacher.detach().float()
         diff = (student.float() - teacher).pow(2).sum(-1)
         norm = teacher.pow(2).sum(-1)
-        if mask is not None:
-            keep = mask.to(diff.device, torch.bool)
+        if keep is not None:
             diff, norm = diff[keep], norm[keep]
         errors.append(diff.sum() / norm.sum().clamp(min=torch.finfo(torch.float32).tiny))
     return torch.stack(errors).mean()
@@ -450,10 +450,11 @@ class DistillationLoss:
                  hidden_weight: float = 0.0) -> None:
         if kind not in ("kl", "mse"):
             raise ValueError(f"kind must be 'kl' or 'mse', got {kind!r}.")
-        if (alpha > 0 or hidden_weight > 0) and teacher is None:
+        distils = alpha > 0 or hidden_weight > 0
+        if distils and teacher is None:
             raise ValueError(f"alpha={alpha} / hidden_weight={hidden_weight} distil from a teacher, but none was "
                              f"given (pass the teacher, or alpha=0 and hidden_weight=0).")
-        self.teacher = teacher if alpha > 0 or hidden_weight > 0 else None
+        self.teacher = teacher if distils else None
         self.alpha, self.temperature, self.kind, self.hidden_weight = alpha, temperature, kind, hidden_weight
         self.token_level, self.ignore_index = token_level, ignore_index
         self.autocast = autocast or contextlib.nullcontext
