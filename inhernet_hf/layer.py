@@ -181,10 +181,11 @@ class InherLinear(nn.Module):
         y = self.inher_up(mixed.flatten(-2))
         if self.inher_bias is None:
             return y
+        bias = self.inher_bias.to(y.dtype)  # a no-op unless autocast made y half precision (in-place ops do not cast)
         if g.dim() == 1:  # gate "none": the same mixture of the head biases for every token
-            return y + g @ self.inher_bias
+            return y + g.to(y.dtype) @ bias
         # y += g @ B in place: no (..., out) temporaries besides y (the up-projection does not need y for backward)
-        y.view(-1, self.out_features).addmm_(g.reshape(-1, self.num_heads), self.inher_bias)
+        y.view(-1, self.out_features).addmm_(g.reshape(-1, self.num_heads).to(y.dtype), bias)
         return y
 
     def extra_repr(self) -> str:

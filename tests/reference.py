@@ -28,11 +28,15 @@ def rank_r_reference(weight: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def explicit_gated_sum(layer, x: torch.Tensor) -> torch.Tensor:
-    """sum_m g_m (W_u^m h + b_m) of an asymmetric softmax-gated InherLinear, in float64 on the CPU, from the layer's
-    own (possibly bfloat16, possibly CUDA) parameters: the reference for its single-matmul forward."""
+    """sum_m g_m (W_u^m h + b_m) of an asymmetric InherLinear (softmax gate on h, or g_m = 1/M without a gate), in
+    float64 on the CPU, from the layer's own (possibly bfloat16, possibly CUDA) parameters: the reference for its
+    single-matmul forward."""
     p = {name: t.detach().double().cpu() for name, t in layer.named_parameters()}
     h = x.double().cpu() @ p["inher_down.weight"].T
-    g = torch.softmax(h @ p["inher_gate.weight"].T + p["inher_gate.bias"], dim=-1)
+    if "inher_gate.weight" in p:
+        g = torch.softmax(h @ p["inher_gate.weight"].T + p["inher_gate.bias"], dim=-1)
+    else:
+        g = torch.full((*h.shape[:-1], layer.num_heads), 1.0 / layer.num_heads, dtype=h.dtype)
     heads = p["inher_up.weight"].split(layer.rank, dim=1)
     return sum(g[..., m : m + 1] * (h @ w.T + p["inher_bias"][m]) for m, w in enumerate(heads))
 

@@ -51,6 +51,22 @@ def test_forward_equals_explicit_gated_sum_of_heads():
     torch.testing.assert_close(layer(x).double(), explicit_gated_sum(layer, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("gate", ["softmax", "none"])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_autocast_bfloat16_with_bias(heads, gate):
+    """Under autocast (accelerate's --mixed_precision bf16) a biased layer computes in bfloat16, agrees with the
+    float32 forward to bfloat16 precision, and its float32 parameters get float32 gradients."""
+    torch.manual_seed(0)
+    layer = InherLinear(20, 16, 6, num_heads=heads, gate=gate)
+    x = torch.randn(4, 9, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, explicit_gated_sum(layer, x)) < 2e-2
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
 @pytest.mark.parametrize("heads", [1, 3])
 def test_gradients_equal_explicit_gated_sum_of_heads(heads):
     """Backward through the fused forward (bias added in place into the up-projection's output) gives the gradients of
