@@ -183,9 +183,33 @@ def attach_description(model: PreTrainedModel, config: InherConfig, report: Inhe
     model.hf_quantizer.postprocess_model(model)
 
 
+def rename_layers_for(model: nn.Module, layers: list[dict]) -> list[dict]:
+    """The recorded layers under `model`'s module names. Like transformers' own loading, a checkpoint saved with a
+    task head loads into its base model (AutoModel: the `base_model_prefix` is dropped and the head's layers are
+    left out) and one saved as the base model loads under a head (the prefix is added)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = dict(model.named_modules())
+    if not prefix or all(spec["name"] in names for spec in layers):
+        return layers
+    saved_with_head = any(spec["name"].startswith(prefix + ".") for spec in layers)
+    renamed = []
+    for spec in layers:
+        name = spec["name"]
+        if name not in names and saved_with_head and prefix not in names:  # a head model's layers, loaded as the base
+            if not name.startswith(prefix + "."):
+                continue  # the head's own layer (lm_head, classifier): the base model has none
+            name = name[len(prefix) + 1:]
+        elif name not in names and not saved_with_head and prefix in names:  # a base model's layers, under a head
+            name = f"{prefix}.{name}"
+        renamed.append({**spec, "name": name})
+    return renamed
+
+
 def build_skeleton(model: nn.Module, description: InherQuantizationConfig) -> None:
-    """Replace the recorded targets of a freshly built (usually meta-device) model by empty InherLinear layers."""
+    """Replace the recorded targets of a freshly built (usually meta-device) model by empty InherLinear layers. The
+    description's layer names become the model's own (`rename_layers_for`), so a later save records them."""
     config = InherConfig.from_dict(description.inher_config)
+    description.layers = rename_layers_for(model, description.layers)
     for spec in description.inherited_layers():
         name = spec["name"]
         try:

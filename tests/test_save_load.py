@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from hub_server import recording_hub, run_python
 from inhernet_hf import InherConfig, InherLinear, InherModel, get_inher_model
@@ -49,6 +49,27 @@ def test_folder_layout_and_both_load_paths(saved):
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=IDS).logits, logits)
     assert str(InherModel.from_pretrained(folder).report()) == str(tiny_inherited().report())
+
+
+def test_checkpoint_loads_into_base_model_and_under_a_head(tmp_path):
+    """As with dense checkpoints: a causal LM's inherited checkpoint loads with AutoModel (the "model." prefix is
+    dropped, the inherited lm_head left out), and that base model, saved, loads under the LM head again."""
+    model = tiny_inherited(target_modules=["q_proj", "down_proj", "lm_head"]).eval()
+    model.save_pretrained(tmp_path / "lm")
+    with torch.no_grad():
+        hidden = model.base_model.model(input_ids=IDS).last_hidden_state
+    base = AutoModel.from_pretrained(tmp_path / "lm").eval()
+    names = [spec["name"] for spec in base.config.quantization_config.layers]
+    assert names[:2] == ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj"] and "lm_head" not in names
+    assert isinstance(base.get_submodule("layers.1.mlp.down_proj"), InherLinear)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=IDS).last_hidden_state, hidden)
+    base.save_pretrained(tmp_path / "base")
+    headed = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    assert isinstance(headed.get_submodule("model.layers.1.self_attn.q_proj"), InherLinear)
+    assert not isinstance(headed.lm_head, InherLinear)
+    with torch.no_grad():
+        assert torch.equal(headed.model(input_ids=IDS).last_hidden_state, hidden)
 
 
 def test_loaded_model_trains_and_takes_dtype_and_device_map(saved):
