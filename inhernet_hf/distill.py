@@ -4,7 +4,8 @@ the frozen teacher inside; HCD's training-only branches are an `nn.Module` (`los
 trains with the student and never saves with it.
 
 Features (for sequence classifiers):
-* penultimate feature: the input of the classification head (`classifier` or `score`), captured by a hook, (B, C);
+* penultimate feature: the input of the classification head (`classifier` or `score`), captured by a hook, (B, C)
+  (heads applied to a whole sequence are refused, see `capture_head_input`);
 * stage feature: the mask-averaged hidden state after a group of layers, (B, C).
 
 HKT (Hereditary Knowledge Transfer, arXiv 2508.09743), child q and parent p penultimate features:
@@ -43,15 +44,24 @@ def classification_head(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def capture_head_input(model: nn.Module):
-    """Within the block, `store['feature']` holds the (B, C) input of the classification head of the last forward
-    (the first position's feature when the head is applied to a sequence, as RoBERTa's is)."""
+    """Within the block, `store['feature']` holds the (B, C) input of the classification head of the last forward.
+
+    Only heads applied to one pooled feature per example (BERT's `classifier`) qualify: a head applied to the whole
+    (B, L, C) sequence pools inside or after itself (RoBERTa's head takes position 0 and adds a layer; decoders'
+    `score` takes the last non-padding token), so no single input of it is the feature its logits come from.
+    """
     store: dict[str, torch.Tensor] = {}
+    head = classification_head(model)
 
     def hook(module, args):
         feature = args[0]
-        store["feature"] = feature[:, 0] if feature.ndim == 3 else feature
+        if feature.ndim != 2:
+            raise ValueError(f"HKT and HCD need a classification head applied to a pooled (batch, hidden) feature, as "
+                             f"BERT-family classifiers have; {type(model).__name__}'s {type(head).__name__} is applied "
+                             f"to the {tuple(feature.shape)} sequence. Use --distill_method kd (Hinton KD) for this model.")
+        store["feature"] = feature
 
-    handle = classification_head(model).register_forward_pre_hook(hook)
+    handle = head.register_forward_pre_hook(hook)
     try:
         yield store
     finally:

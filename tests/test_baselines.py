@@ -145,6 +145,20 @@ def test_hkt_trains_only_the_child():
     assert student.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
 
 
+def test_hkt_refuses_a_head_applied_to_the_sequence():
+    """A decoder classifier's `score` runs on every position and is pooled after: no input of it is the feature its
+    logits come from, so HKT/HCD refuse it instead of distilling the first token's state."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = LlamaForSequenceClassification(config)
+    with pytest.raises(ValueError, match=r"pooled \(batch, hidden\) feature.*Linear is applied to the \(4, 10, 32\) "
+                                         r"sequence\. Use --distill_method kd"):
+        HKTLoss(model)(model, batch())
+
+
 def test_hcd_trains_the_student_and_its_branches_only():
     teacher, student = tiny_bert(4, 0), layer_student(tiny_bert(4, 0), 2)
     branches = HCDBranches(32, 32, num_stages=2, num_labels=3, k=4)
