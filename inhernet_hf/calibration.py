@@ -143,12 +143,15 @@ def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: lis
 
 class _GramHooks:
     """Forward pre-hooks accumulating X^T X (float64) of each named Linear's input; inputs shared by several
-    targets (q/k/v, gate/up) are multiplied once per batch. Padding rows are dropped when a mask is set.
-    With `stop_after`, the hook of that target ends the forward pass once its statistics are taken."""
+    targets (q/k/v, gate/up) are multiplied once per batch. Padding rows are dropped when a mask is set, except for
+    the `unmasked` targets. With `stop_after`, the hook of that target ends the forward pass once its statistics
+    are taken."""
 
-    def __init__(self, modules: dict[str, nn.Module], stop_after: Optional[str] = None) -> None:
+    def __init__(self, modules: dict[str, nn.Module], stop_after: Optional[str] = None,
+                 unmasked: frozenset[str] | set[str] = frozenset()) -> None:
         self.grams: dict[str, torch.Tensor] = {}
         self.mask: Optional[torch.Tensor] = None
+        self.unmasked = unmasked
         self._products: dict = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n, n == stop_after)) for n, m in modules.items()]
 
@@ -159,11 +162,12 @@ class _GramHooks:
         def hook(_module, args):
             x = args[0]
             # keyed by address; the entry holds x so that address cannot be recycled by a later input this batch
-            key = (x.data_ptr(), tuple(x.shape))
+            mask = None if name in self.unmasked else self.mask
+            key = (x.data_ptr(), tuple(x.shape), mask is None)
             if key not in self._products:
                 flat = x.detach().reshape(-1, x.shape[-1])
-                if self.mask is not None and flat.shape[0] == self.mask.numel():
-                    flat = flat[self.mask.to(flat.device)]
+                if mask is not None and flat.shape[0] == mask.numel():
+                    flat = flat[mask.to(flat.device)]
                 flat = flat.float()
                 self._products[key] = (x, (flat.T @ flat).double())  # float32 product per batch, float64 sum
             product = self._products[key][1]
@@ -217,7 +221,10 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
     blocks = find_blocks(model, targets)
     with torch.no_grad():
         if blocks is None:  # one pass over the whole model, every target's statistics at once
-            hooks = _GramHooks({t: model.get_submodule(t) for t in targets})
+            # the attention mask does not describe the inputs of an encoder-decoder's decoder: they keep their padding
+            unmasked = {t for t in targets if "decoder" in t.split(".")} if getattr(
+                getattr(model, "config", None), "is_encoder_decoder", False) else set()
+            hooks = _GramHooks({t: model.get_submodule(t) for t in targets}, unmasked=unmasked)
             try:
                 for batch in tqdm(batches, desc=f"{desc} (whole model)", disable=not progressbar):
                     hooks.new_batch(_flat_mask(batch))
@@ -251,13 +258,26 @@ def _advance(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def _unpadded_row(batch: dict, row: int) -> dict:
+    """Row `row` of `batch` as a batch of one, without its padding positions (attention_mask 0) in any tensor that
+    has the mask's sequence length."""
+    single = {k: v[row:row + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    mask = single.get("attention_mask")
+    if mask is None or mask.dim() != 2 or bool(mask.all()):
+        return single
+    keep = mask[0].bool()
+    return {k: v[:, keep] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == keep.numel() else v
+            for k, v in single.items()}
+
+
 def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict], seed: int = 0,
                        progressbar: bool = True) -> dict[str, float]:
     """Mean squared loss gradient per output element of each target, E ||dL/dy||^2 / out_features: the per-layer
     Fisher scalar f_l with which an output error delta costs about f_l ||delta||^2 of loss.
 
     The loss is the model's own predictive cross-entropy against labels sampled from its logits (the true Fisher,
-    no labels needed). Parameters are frozen for the pass, so no weight gradient is allocated.
+    no labels needed). Each example runs alone without its padding, so padding enters neither the loss nor the
+    average. Parameters are frozen for the pass, so no weight gradient is allocated.
     """
     sums = {t: 0.0 for t in targets}
     counts = {t: 0 for t in targets}
@@ -269,7 +289,7 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
         def forward_hook(_module, _args, output):
             def record(grad):
                 sums[name] += float(grad.detach().float().square().sum())
-                counts[name] += grad[..., 0].numel() * grad.shape[-1]
+                counts[name] += grad.numel()
             output.register_hook(record)
         return forward_hook
 
@@ -279,8 +299,7 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
         model.requires_grad_(False)
         for batch in tqdm(batches, desc="Output sensitivity", disable=not progressbar):
             for row in range(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]):
-                single = {k: v[row:row + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                outputs = model(**_model_kwargs(model, single))
+                outputs = model(**_model_kwargs(model, _unpadded_row(batch, row)))
                 if getattr(outputs, "logits", None) is None:
                     raise ValueError(f"rank_allocation='activation' needs a model whose outputs have logits (a "
                                      f"...ForCausalLM / ...ForSequenceClassification class); {type(model).__name__} "

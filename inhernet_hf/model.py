@@ -95,18 +95,22 @@ def get_inher_model(
         raise ValueError(f"rank_pattern keys {unused} match no targeted module (a key must match the end of a full "
                          f"name, e.g. 'mlp\\.down_proj' or r'layers\\.0\\..*'); targets look like {targets[0]!r}.")
     records = [plan_layer(name, module, config) for name, module in modules.items()]
-    if config.rank_allocation != "uniform":
-        allocate_ranks(records, _rank_gains(model, modules, batches, config, progressbar), config)
-
-    by_name = {r.name: r for r in records}
-    if config.init == "whitened":
-        for grams in block_grams(model, targets, batches, desc="Inheriting blocks (whitened)",
-                                 progressbar=progressbar):
-            for name, gram in grams.items():
-                _inherit_one(model, by_name[name], modules.pop(name), config, gram)
-    else:
-        for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
-            _inherit_one(model, record, modules.pop(record.name), config)
+    was_training = model.training
+    model.eval()  # calibration passes without dropout; the mode is restored after
+    try:
+        if config.rank_allocation != "uniform":
+            allocate_ranks(records, _rank_gains(model, modules, batches, config, progressbar), config)
+        by_name = {r.name: r for r in records}
+        if config.init == "whitened":
+            for grams in block_grams(model, targets, batches, desc="Inheriting blocks (whitened)",
+                                     progressbar=progressbar):
+                for name, gram in grams.items():
+                    _inherit_one(model, by_name[name], modules.pop(name), config, gram)
+        else:
+            for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
+                _inherit_one(model, record, modules.pop(record.name), config)
+    finally:
+        model.train(was_training)
     for name in config.modules_to_save or []:
         for module_name, module in model.named_modules():
             if matches([name], module_name):
@@ -249,6 +253,7 @@ class InherModel(nn.Module):
         self.base_model = base_model
         self.inher_config = inher_config
         self._report = report
+        self.training = base_model.training  # the wrapper reports the model's mode (set only on itself)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

@@ -90,6 +90,70 @@ def test_block_by_block_pipeline_is_optimal_for_the_inputs_each_layer_sees():
         assert err == pytest.approx(minimum, rel=1e-3), name
 
 
+def test_output_sensitivity_ignores_padding():
+    """The Fisher scalars of padded examples equal those of the same examples unpadded: each example runs alone,
+    without its padding positions."""
+    from inhernet_hf.calibration import output_sensitivity
+
+    model = engine_llama().eval()
+    targets = [n for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    ids = calibration(n_batches=1, batch=2, length=10)[0]["input_ids"]
+    plain = output_sensitivity(model, targets, [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :6]}], progressbar=False)
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
+    padded = output_sensitivity(model, targets, [{"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}],
+                                progressbar=False)
+    assert padded == pytest.approx(plain, rel=1e-5)
+
+
+def test_calibration_runs_without_dropout_and_restores_the_mode():
+    """A model in train mode is calibrated in eval mode (dropout off: the same model as from an eval-mode copy) and
+    handed back in train mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    dense = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.5,
+                                                     attention_probs_dropout_prob=0.5)).train()
+    config = InherConfig(target_ratio=0.5, num_heads=2, init="whitened", rank_allocation="activation",
+                         task_type="SEQ_CLS")
+    inherited = {}
+    for mode in (True, False):
+        torch.manual_seed(1)  # the gates' random init
+        inherited[mode] = get_inher_model(copy.deepcopy(dense).train(mode), config, calibration_data=calibration(),
+                                          progressbar=False)
+    for (name, a), b in zip(inherited[True].state_dict().items(), inherited[False].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert inherited[True].training and not inherited[False].training
+
+
+def test_whole_model_calibration_keeps_the_decoder_rows_of_an_encoder_decoder():
+    """T5 (no single list of blocks): encoder grams drop the encoder's padding rows; the decoder's inputs are not
+    described by that mask, so none of their rows are dropped even when both sequences have the same length."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from inhernet_hf.calibration import block_grams
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                                num_heads=2, decoder_start_token_id=0)).eval()
+    ids = calibration(n_batches=1, batch=2, length=8)[0]["input_ids"]
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids.flip(1)}
+    targets = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]
+    seen = {}
+    hooks = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a, t=t: seen.setdefault(t, a[0]))
+             for t in targets]
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    (grams,) = list(block_grams(model, targets, [batch], progressbar=False))
+    encoder_rows = seen[targets[0]].reshape(-1, 32)[mask.reshape(-1).bool()].double()
+    decoder_rows = seen[targets[1]].reshape(-1, 32).double()
+    torch.testing.assert_close(grams[targets[0]], encoder_rows.T @ encoder_rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grams[targets[1]], decoder_rows.T @ decoder_rows, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("allocation", ["energy", "activation"])
 def test_allocation_meets_budget_with_min_rank_multiple_and_pattern(allocation):
     model = engine_llama(hidden_size=128, num_hidden_layers=4)
