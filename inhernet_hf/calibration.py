@@ -27,7 +27,8 @@ def prepare_calibration(calibration_data: Any, tokenizer=None, max_length: int =
     """Normalise calibration data to a list of model-input dicts of tensors.
 
     Accepts an iterable of dict batches (e.g. a DataLoader of tokenized inputs), or a `datasets.Dataset`
-    with an `input_ids` column or, given a `tokenizer`, a `text` column. Raises on empty data, non-dict
+    with an `input_ids` column (rows of different lengths are padded by `tokenizer`) or, given a `tokenizer`, a
+    `text` column. Raises on empty data, non-dict
     batches, batches without tensors, and NaN/Inf in floating inputs.
     """
     if calibration_data is None:
@@ -65,7 +66,13 @@ def _dataset_batches(dataset, tokenizer, max_length: int, batch_size: int) -> It
         columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
         dataset = dataset.with_format("torch", columns=columns)
         for start in range(0, len(dataset), batch_size):
-            yield dataset[start:start + batch_size]
+            batch = dataset[start:start + batch_size]
+            if not isinstance(batch["input_ids"], torch.Tensor):  # rows of different lengths come back as lists
+                if tokenizer is None:
+                    raise ValueError(f"The calibration Dataset's rows {start}..{start + batch_size - 1} have different "
+                                     f"lengths; pass `tokenizer=` to pad them, or tokenize with padding='max_length'.")
+                batch = dict(tokenizer.pad(batch, return_tensors="pt"))
+            yield batch
     elif "text" in dataset.column_names and tokenizer is not None:
         for start in range(0, len(dataset), batch_size):
             texts = dataset[start:start + batch_size]["text"]

@@ -20,9 +20,9 @@ STRUCTURE_CHOICES = ("asymmetric", "symmetric")
 TASK_TYPE_CHOICES = tuple(t.value for t in TaskType)
 
 
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+def _check_choice(name: str, value: Any, allowed: tuple, owner: str = "InherConfig") -> None:
     if value not in allowed:
-        raise ValueError(f"InherConfig.{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}.")
+        raise ValueError(f"{owner}.{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}.")
 
 
 def _check_rank_or_ratio(name: str, value: Any) -> None:
@@ -215,6 +215,11 @@ class InherConfig:
         for key, value in self.rank_pattern.items():
             _check_module_names("rank_pattern key", key, allow_all_linear=False)
             _check_rank_or_ratio(f"InherConfig.rank_pattern[{key!r}]", value)
+        rank_shaping = {n: getattr(self, n) for n in ("min_rank", "rank_multiple") if getattr(self, n) != 1}
+        if rank_shaping and self.r is not None and not any(isinstance(v, float) for v in self.rank_pattern.values()):
+            raise ValueError(f"InherConfig {rank_shaping} shape the ranks solved from a ratio; with r={self.r} (and no "
+                             f"ratio in rank_pattern) every layer gets exactly its given rank. Drop them or give "
+                             f"`target_ratio`.")
 
     @property
     def needs_calibration(self) -> bool:

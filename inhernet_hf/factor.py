@@ -34,7 +34,7 @@ def truncated_svd(
         u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
     else:
         raise ValueError(f"Unknown SVD method {method!r}; allowed: 'svd', 'svd_lowrank'.")
-    total = w.square().sum()
+    total = torch.linalg.vector_norm(w).square()  # ||W||_F^2 without a squared copy of W
     energy = float(s.square().sum() / total) if total > 0 else 1.0
     return u, s, vh, energy
 
@@ -50,7 +50,8 @@ def whitening(gram: torch.Tensor, damping: float = 0.0) -> tuple[torch.Tensor, C
     if not torch.isfinite(g).all():
         raise ValueError("The calibration inputs' second moment X^T X has NaN or Inf values.")
     if damping:
-        g = g + damping * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        g = g.clone()  # the caller's gram stays as it was; no identity matrix is built
+        g.diagonal().add_(damping * g.diagonal().mean())
     root, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return root, lambda vh: torch.linalg.solve_triangular(root, vh, upper=False, left=False)

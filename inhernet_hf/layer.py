@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import (GATE_CHOICES, GATE_INPUT_CHOICES, HEAD_INIT_CHOICES, INIT_CHOICES, STRUCTURE_CHOICES,
+                     _check_choice)
 from .factor import truncated_svd, whitened_svd
 
 
@@ -69,6 +71,13 @@ class InherLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank),
+                            ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"InherLinear.{name}={value!r} must be an int >= 1.")
+        _check_choice("gate", gate, GATE_CHOICES, "InherLinear")
+        _check_choice("gate_input", gate_input, GATE_INPUT_CHOICES, "InherLinear")
+        _check_choice("structure", structure, STRUCTURE_CHOICES, "InherLinear")
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.num_heads = rank, num_heads
         self.gate, self.gate_input, self.structure = gate, gate_input, structure
@@ -123,6 +132,11 @@ class InherLinear(nn.Module):
                 f"Teacher weight shape {tuple(weight.shape)} does not match InherLinear "
                 f"(out={self.out_features}, in={self.in_features})."
             )
+        _check_choice("init", init, INIT_CHOICES, "InherLinear.inherit_")
+        _check_choice("head_init", head_init, HEAD_INIT_CHOICES, "InherLinear.inherit_")
+        if init != "random" and self.rank > min(weight.shape):
+            raise ValueError(f"rank={self.rank} exceeds min(out, in)={min(weight.shape)}: a truncated SVD of the "
+                             f"{tuple(weight.shape)} teacher weight has at most that many factors.")
         if init == "random":
             self.reset_parameters()
             return None
@@ -146,10 +160,9 @@ class InherLinear(nn.Module):
             down, head = s.sqrt()[:, None] * vh, u * s.sqrt()
         elif head_init == "paper":
             down, head = s.sqrt()[:, None] * vh, u * s.sqrt() / m
-        elif head_init == "demo":
-            down, head = vh, u * s / m
         else:
-            raise ValueError(f"Unknown head_init {head_init!r}; allowed: 'balanced', 'paper', 'demo'.")
+            _check_choice("head_init", head_init, HEAD_INIT_CHOICES, "InherLinear.set_factors_")
+            down, head = vh, u * s / m
         if self.structure == "symmetric":
             down = down.repeat(m, 1)
         self.inher_down.weight.copy_(down)

@@ -75,11 +75,14 @@ def get_inher_model(
         raise TypeError(f"config must be an InherConfig, got {type(config).__name__}.")
     if isinstance(model, InherModel) or any(isinstance(m, InherLinear) for m in model.modules()):
         raise ValueError("This model is already inherited (it contains InherLinear layers); inherit the dense model.")
-    if config.modules_to_save:
-        names = [n for n, _ in model.named_modules() if n]
-        missing = [k for k in config.modules_to_save if not any(matches([k], n) for n in names)]
+    names = [n for n, _ in model.named_modules() if n]
+    for field_name in ("modules_to_save", "exclude_modules"):
+        spec = getattr(config, field_name)
+        entries = [spec] if isinstance(spec, str) else spec or []
+        missing = [k for k in entries if not any(matches(k if isinstance(spec, str) else [k], n) for n in names)]
         if missing:
-            raise ValueError(f"modules_to_save entries {missing} match no module of this model.")
+            raise ValueError(f"{field_name} entries {missing} match no module of this model (a list entry is an exact "
+                             f"name or a dotted suffix such as 'q_proj', a string a regex for the full name).")
     if calibration_data is not None and not config.needs_calibration:
         raise ValueError(f"calibration_data was given but init={config.init!r} and rank_allocation="
                          f"{config.rank_allocation!r} do not use it; use init='whitened' or "

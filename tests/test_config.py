@@ -35,6 +35,8 @@ from reference import tiny_llama
         ({"r": 8, "rank_pattern": {"q_proj": 1.2}}, ValueError, ["rank_pattern['q_proj']=1.2", "(0, 1]"]),
         ({"r": 8, "rank_pattern": {"q_proj": "8"}}, TypeError, ["rank_pattern['q_proj']='8'"]),
         ({"r": 8, "modules_to_save": "classifier"}, TypeError, ["modules_to_save='classifier'", "list"]),
+        ({"r": 8, "rank_multiple": 16}, ValueError, ["{'rank_multiple': 16}", "r=8", "target_ratio"]),
+        ({"r": 8, "min_rank": 4}, ValueError, ["{'min_rank': 4}", "r=8"]),
     ],
 )
 def test_bad_config_names_field_value_and_allowed(kwargs, error, words):
@@ -103,6 +105,21 @@ def test_already_inherited_model_is_refused(tiny_llama):
 def test_unknown_modules_to_save_is_an_error(tiny_llama):
     with pytest.raises(ValueError, match=r"modules_to_save entries \['classifier'\] match no module"):
         get_inher_model(tiny_llama, InherConfig(r=4, modules_to_save=["classifier"]), progressbar=False)
+
+
+@pytest.mark.parametrize("exclude, missing", [(["q_prj", "v_proj"], "['q_prj']"), (r"layers\.9\..*", r"['layers\\.9\\..*']")])
+def test_exclude_modules_matching_nothing_is_an_error(tiny_llama, exclude, missing):
+    with pytest.raises(ValueError) as info:
+        get_inher_model(tiny_llama, InherConfig(r=4, exclude_modules=exclude), progressbar=False)
+    assert f"exclude_modules entries {missing} match no module" in str(info.value)
+    assert not any(isinstance(m, InherLinear) for m in tiny_llama.modules())
+
+
+def test_rank_multiple_applies_to_ratios_in_rank_pattern_next_to_r(tiny_llama):
+    config = InherConfig(r=4, rank_multiple=8, rank_pattern={"down_proj": 0.5})  # allowed: the pattern has a ratio
+    ranks = {n: m.rank for n, m in get_inher_model(tiny_llama, config, progressbar=False).base_model.named_modules()
+             if isinstance(m, InherLinear)}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 4 and ranks["model.layers.0.mlp.down_proj"] % 8 == 0
 
 
 def test_target_semantics_regex_list_exclude_and_rank_pattern(tiny_llama):

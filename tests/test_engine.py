@@ -154,6 +154,26 @@ def test_whole_model_calibration_keeps_the_decoder_rows_of_an_encoder_decoder():
     torch.testing.assert_close(grams[targets[1]], decoder_rows.T @ decoder_rows, rtol=1e-5, atol=1e-5)
 
 
+def test_ragged_tokenized_dataset_is_padded_by_the_tokenizer():
+    """A `datasets.Dataset` mapped through a tokenizer without padding (rows of different lengths) is padded per batch
+    by the tokenizer given; without one the error says what to do."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from inhernet_hf.calibration import prepare_calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["a short one", "a somewhat longer calibration sentence", "mid length text", "x"]
+    dataset = datasets.Dataset.from_dict({"text": texts}).map(lambda row: tokenizer(row["text"]), remove_columns="text")
+    batches = prepare_calibration(dataset, tokenizer, batch_size=3)
+    expected = tokenizer(texts[:3], padding=True, return_tensors="pt")
+    assert len(batches) == 2 and batches[1]["input_ids"].shape == (1, 3)  # [CLS] x [SEP]
+    assert torch.equal(batches[0]["input_ids"], expected["input_ids"])
+    assert torch.equal(batches[0]["attention_mask"], expected["attention_mask"])
+    with pytest.raises(ValueError, match=r"rows 0\.\.2 have different lengths; pass `tokenizer=` to pad them"):
+        prepare_calibration(dataset, batch_size=3)
+
+
 @pytest.mark.parametrize("allocation", ["energy", "activation"])
 def test_allocation_meets_budget_with_min_rank_multiple_and_pattern(allocation):
     model = engine_llama(hidden_size=128, num_hidden_layers=4)

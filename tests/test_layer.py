@@ -200,3 +200,30 @@ def test_mixture_builds_no_per_head_output_tensor():
     assert (10, 4, 256) not in op_shapes and (4, 10, 256) not in op_shapes
     assert (10, 4 * 8) in op_shapes  # the concatenated (g (x) h) feeds the one up-projection matmul
     assert shapes.count((10, 256)) == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"gate": "sofmax"}, "InherLinear.gate='sofmax' is not supported; allowed: 'softmax', 'none'"),
+    ({"structure": "symetric"}, "InherLinear.structure='symetric' is not supported; allowed: 'asymmetric', 'symmetric'"),
+    ({"gate_input": "h"}, "InherLinear.gate_input='h' is not supported"),
+    ({"rank": 0}, "InherLinear.rank=0 must be an int >= 1"),
+    ({"num_heads": 2.0}, "InherLinear.num_heads=2.0 must be an int >= 1"),
+])
+def test_bad_layer_arguments_name_the_value_and_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        InherLinear(**{"in_features": 12, "out_features": 10, "rank": 4, **kwargs})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("rank, kwargs, message", [
+    (4, {"init": "SVD"}, "InherLinear.inherit_.init='SVD' is not supported; allowed: 'svd', 'svd_lowrank', 'whitened'"),
+    (4, {"head_init": "half"}, "InherLinear.inherit_.head_init='half' is not supported; allowed: 'balanced'"),
+    (11, {}, "rank=11 exceeds min(out, in)=10"),
+])
+def test_bad_inherit_arguments_fail_before_any_factorisation(rank, kwargs, message):
+    layer = InherLinear(12, 10, rank)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        layer.inherit_(torch.randn(10, 12), **kwargs)
+    assert message in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
