@@ -41,7 +41,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import SchedulerType, get_scheduler
+from transformers import get_scheduler
 
 from .config import InherConfig
 
@@ -100,6 +100,13 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+# transformers' schedulers that `get_scheduler(name, optimizer, num_warmup_steps, num_training_steps)` builds and
+# that step on the step count alone (reduce_lr_on_plateau and greedy need a metric, the *_min_lr and
+# warmup_stable_decay ones extra arguments).
+STEP_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                   "inverse_sqrt")
+
+
 def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 5e-5) -> argparse.ArgumentParser:
     """The flags of transformers' `run_*_no_trainer.py` examples that drive `train` (mixed precision and the number
     of processes are `accelerate launch`'s own flags)."""
@@ -113,9 +120,9 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 5e
     group.add_argument("--max_train_steps", type=_non_negative_int, default=None,
                        help="Total optimizer steps; overrides --num_train_epochs. 0 only evaluates.")
     group.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
-    schedulers = [t.value for t in SchedulerType]
-    group.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear", choices=schedulers,
-                       metavar="{" + ",".join(schedulers) + "}")
+    group.add_argument("--lr_scheduler_type", default="linear", choices=STEP_SCHEDULERS,
+                       help="transformers' schedulers that step on the step count alone (the others need a "
+                            "metric or extra arguments).")
     group.add_argument("--num_warmup_steps", type=_non_negative_int, default=0, help="Optimizer steps of warmup.")
     group.add_argument("--max_grad_norm", type=float, default=None,
                        help="Clip gradients to this norm (default: no clipping).")
@@ -186,18 +193,45 @@ def add_inher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def check_common_args(args: argparse.Namespace) -> None:
-    """Cross-flag checks of the shared flags; raises ValueError with the flag names."""
+INHER_FLAGS = ("inher_r", "inher_target_ratio", "inher_num_heads", "inher_init", "inher_rank_allocation",
+               "inher_min_rank", "inher_rank_multiple", "inher_gate", "inher_structure", "inher_target_modules",
+               "inher_calibration_samples")
+KD_FLAGS = ("kd_alpha", "kd_temperature", "teacher_name_or_path", "kd_hidden_weight")
+
+
+def changed_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, names: Iterable[str]) -> list[str]:
+    """The `--name` flags among `names` set to something other than the parser's default."""
+    return [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
+
+
+def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser, run_kind: str) -> None:
+    """Cross-flag checks of the shared flags; raises ValueError with the flag names. `run_kind`: "teacher" (dense,
+    --no_inher), "inherited" or "student". Nothing given is silently unused: the --inher_* flags describe only an
+    inherited model, and the KD flags only a run that distils."""
     if not 0.0 <= args.kd_alpha <= 1.0:
         raise ValueError(f"--kd_alpha must lie in [0, 1], got {args.kd_alpha}.")
     if not args.kd_temperature > 0:
         raise ValueError(f"--kd_temperature must be > 0, got {args.kd_temperature}.")
     if not args.kd_hidden_weight >= 0:
         raise ValueError(f"--kd_hidden_weight must be >= 0, got {args.kd_hidden_weight}.")
-    if not args.no_inher and args.inher_r is not None and args.inher_target_ratio is not None:
-        raise ValueError("Give only one of --inher_r and --inher_target_ratio.")
     if args.max_grad_norm is not None and not args.max_grad_norm > 0:
         raise ValueError(f"--max_grad_norm must be > 0, got {args.max_grad_norm}.")
+    unused = changed_flags(args, parser, INHER_FLAGS) if run_kind != "inherited" else []
+    if unused:
+        raise ValueError(f"this run does not inherit ({'--no_inher' if run_kind == 'teacher' else 'a student run'}): "
+                         f"remove {', '.join(unused)} (options of the inherited model).")
+    if run_kind == "inherited" and args.inher_r is not None and args.inher_target_ratio is not None:
+        raise ValueError("Give only one of --inher_r and --inher_target_ratio.")
+    if run_kind == "teacher":
+        unused = changed_flags(args, parser, KD_FLAGS)
+        reason = "--no_inher trains the teacher without distillation"
+    elif getattr(args, "distill_method", "kd") == "kd" and args.kd_alpha == 0 and args.kd_hidden_weight == 0:
+        unused = changed_flags(args, parser, ("kd_temperature", "teacher_name_or_path"))
+        reason = "nothing is distilled with --kd_alpha 0 (and no --kd_hidden_weight)"
+    else:
+        unused = []
+    if unused:
+        raise ValueError(f"{reason}: remove {', '.join(unused)}.")
 
 
 def inher_config_from_args(args: argparse.Namespace, task_type: str) -> InherConfig:

@@ -33,6 +33,7 @@ INHER_METHODS = {"lowrank": ["--inher_num_heads", "1", "--inher_gate", "none", "
                  "inher_no_svd": ["--inher_init", "random", "--kd_alpha", "0"],
                  "inher_no_gate": ["--inher_gate", "none", "--kd_alpha", "0"],
                  "inher_symmetric": ["--inher_structure", "symmetric", "--kd_alpha", "0"]}
+KD_METHODS = ("student_kd", "inher_kd")  # they get --kd_alpha / --kd_temperature; the others distil otherwise or not
 METHODS = ["teacher", *STUDENT_METHODS, *INHER_METHODS]
 LABELS = {"teacher": "teacher", "student": "student (CE)", "student_kd": "student + KD",
           "student_hkt": "student + HKT", "student_hcd": "student + HCD", "lowrank": "plain low-rank (SVD, 1 head)",
@@ -153,8 +154,8 @@ def main() -> None:
               "--per_device_train_batch_size", str(args.per_device_train_batch_size),
               "--per_device_eval_batch_size", "64", "--num_train_epochs", str(args.num_train_epochs),
               "--learning_rate", str(args.learning_rate), "--num_warmup_steps", str(max(1, total_steps // 20)),
-              "--eval_steps", str(quarter), "--kd_alpha", str(args.kd_alpha),
-              "--kd_temperature", str(args.kd_temperature), "--model_name_or_path", args.teacher_name_or_path]
+              "--eval_steps", str(quarter), "--model_name_or_path", args.teacher_name_or_path]
+    kd = ["--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)]  # the Hinton KD methods
     for flag in ("data_dir", "max_train_samples", "max_eval_samples"):
         if getattr(args, flag) is not None:
             common += [f"--{flag}", str(getattr(args, flag))]
@@ -168,6 +169,8 @@ def main() -> None:
         else:
             flags, seeds = ["--inher_target_ratio", f"{ratio:.6f}", "--inher_num_heads", str(args.num_heads),
                             *INHER_METHODS[method]], args.seeds
+        if method in KD_METHODS:
+            flags = flags + kd
         runs = []
         for seed in seeds:  # later flags win in argparse: the method's own flags override the common ones
             output_dir = root / method / f"seed_{seed}"

@@ -40,8 +40,8 @@ import inhernet_hf  # noqa: F401  (registers the inherited layers with transform
 from inhernet_hf.distill import HCDBranches, HCDLoss, HKTLoss, stage_ends
 from inhernet_hf.students import layer_student
 from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
-                                  add_training_args, build_accelerator, build_optimizer, check_common_args,
-                                  check_hidden_states_match, create_hub_repo, evaluate, finish_run,
+                                  add_training_args, build_accelerator, build_optimizer, changed_flags,
+                                  check_common_args, check_hidden_states_match, create_hub_repo, evaluate, finish_run,
                                   inher_config_from_args, inherit_for_training, param_counts, prepare_training,
                                   resolve_checkpoint, run_results, train)
 
@@ -253,16 +253,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     baselines.add_argument("--hcd_theta", type=float, default=0.5, help="HCD's cosine margin theta.")
     args = parser.parse_args(argv)
     try:
-        check_common_args(args)
         if args.student_num_layers is not None and args.student_layers is not None:
             raise ValueError("Give only one of --student_num_layers and --student_layers.")
         is_student = args.student_num_layers is not None or args.student_layers is not None
-        if is_student and (args.inher_r is not None or args.inher_target_ratio is not None):
-            raise ValueError("A student run (--student_num_layers/--student_layers) does not inherit: drop "
-                             "--inher_r/--inher_target_ratio.")
         if args.distill_method != "kd" and (args.no_inher and not is_student):
             raise ValueError(f"--distill_method {args.distill_method} needs a student or an inherited model (it "
                              f"distils from the teacher); --no_inher trains the teacher.")
+        check_common_args(args, parser, "student" if is_student else "teacher" if args.no_inher else "inherited")
+        unused = changed_flags(args, parser, ("kd_alpha", "kd_temperature")) if args.distill_method != "kd" else []
+        if unused:
+            raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights, not Hinton "
+                             f"KD's: remove {', '.join(unused)}.")
+        for flag in ("max_length", "max_train_samples", "max_eval_samples"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
         if args.kd_hidden_weight > 0 and (args.distill_method != "kd" or (args.no_inher and not is_student)):
             raise ValueError("--kd_hidden_weight adds a term to Hinton KD (--distill_method kd) of an inherited model "
                              "(or of a student with the teacher's depth and width); it does not apply to HKT, HCD or "
@@ -321,8 +325,6 @@ def run(args: argparse.Namespace) -> dict:
     is_student = args.student_num_layers is not None or args.student_layers is not None
     use_kd = (is_student or not args.no_inher) and (args.kd_alpha > 0 or args.kd_hidden_weight > 0
                                                     or args.distill_method != "kd")
-    if args.no_inher and not is_student and args.teacher_name_or_path:
-        print("warning: --teacher_name_or_path is ignored with --no_inher (no distillation).", file=sys.stderr)
     if args.distill_method != "kd" and task.is_regression:
         raise GlueRecipeError(f"--distill_method {args.distill_method} needs a classification task; {task.name} is a "
                               f"regression (use --distill_method kd).")

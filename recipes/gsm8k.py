@@ -272,10 +272,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add_kd_args(parser, alpha=0.5, temperature=1.0)
     args = parser.parse_args(argv)
     try:
-        check_common_args(args)
-        if args.no_inher and args.kd_hidden_weight > 0:
-            raise ValueError("--kd_hidden_weight distils an inherited model from the teacher; --no_inher trains the "
-                             "dense model without distillation.")
+        check_common_args(args, parser, "teacher" if args.no_inher else "inherited")
         for flag in ("max_length", "max_new_tokens", "generation_batch_size"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")

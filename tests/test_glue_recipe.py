@@ -540,6 +540,27 @@ def test_teacher_that_is_not_fine_tuned(tmp_path, capsys):
     assert "not fine-tuned" in message and "classifier" in message and "--kd_alpha 0" in message
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--no_inher", "--inher_target_ratio", "0.3", "--inher_init", "whitened"],
+     "this run does not inherit (--no_inher): remove --inher_target_ratio, --inher_init"),
+    (["--student_num_layers", "3", "--inher_num_heads", "3"],
+     "this run does not inherit (a student run): remove --inher_num_heads"),
+    (["--no_inher", "--teacher_name_or_path", "t", "--kd_temperature", "7"],
+     "--no_inher trains the teacher without distillation: remove --kd_temperature, --teacher_name_or_path"),
+    (["--kd_alpha", "0", "--teacher_name_or_path", "t"],
+     "nothing is distilled with --kd_alpha 0 (and no --kd_hidden_weight): remove --teacher_name_or_path"),
+    (["--student_num_layers", "3", "--distill_method", "hkt", "--kd_alpha", "0.9"],
+     "HKT uses its own --hkt_* weights, not Hinton KD's: remove --kd_alpha"),
+    (["--max_train_samples", "-5"], "--max_train_samples must be >= 1, got -5"),
+    (["--max_length", "0"], "--max_length must be >= 1, got 0"),
+    (["--lr_scheduler_type", "reduce_lr_on_plateau"], "invalid choice: 'reduce_lr_on_plateau'"),
+])
+def test_flags_that_would_be_unused_or_invalid_are_refused_at_parse_time(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        load_recipe().parse_args(["--task_name", "sst2", "--model_name_or_path", "m", "--output_dir", "o", *flags])
+    assert message in capsys.readouterr().err
+
+
 @needs_glue
 def test_bad_inheritance_and_resume_options(tmp_path, capsys):
     message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--inher_init", "bogus"], tmp_path, capsys)
@@ -558,7 +579,7 @@ def test_hidden_state_distillation_options(teacher, tmp_path, capsys):
     assert "--kd_hidden_weight must be >= 0, got -1.0" in message
     message = _fail([*SST2, "--model_name_or_path", teacher, "--no_inher", "--kd_hidden_weight", "1"], tmp_path,
                     capsys)
-    assert "does not apply to HKT, HCD or the teacher run" in message
+    assert "--no_inher trains the teacher without distillation: remove --kd_hidden_weight" in message
     # A 3-layer student of the 6-layer teacher cannot be matched layer by layer: refused before training.
     message = _fail([*SST2, "--model_name_or_path", teacher, "--student_num_layers", "3", "--kd_hidden_weight", "1"],
                     tmp_path, capsys)

@@ -199,7 +199,7 @@ def test_missing_files_and_bad_jsonl(recipe, tmp_path, capsys):
     assert "--max_new_tokens must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         recipe.parse_args([*base, "--no_inher", "--kd_hidden_weight", "1"])
-    assert "--kd_hidden_weight distils an inherited model" in capsys.readouterr().err
+    assert "--no_inher trains the teacher without distillation: remove --kd_hidden_weight" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------------------
