@@ -64,6 +64,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (missing, incomplete, or written by a different setup)."""
 
 
+class TrackingError(ValueError):
+    """--with_tracking asked for trackers of which none is installed."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command-line flags shared by the recipes
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,6 +320,9 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    if args.with_tracking and not accelerator.log_with:  # accelerate drops uninstalled trackers with a debug log
+        raise TrackingError(f"--with_tracking --report_to {args.report_to}: none of these trackers is installed "
+                            f"(e.g. pip install tensorboard), so nothing would be logged.")
     set_seed(args.seed)
     if (accelerator.num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ
             and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):

@@ -43,7 +43,7 @@ from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLo
                                   add_training_args, build_accelerator, build_optimizer, changed_flags,
                                   check_common_args, check_hidden_states_match, create_hub_repo, evaluate, finish_run,
                                   inher_config_from_args, inherit_for_training, param_counts, prepare_training,
-                                  resolve_checkpoint, run_results, train)
+                                  resolve_checkpoint, run_results, TrackingError, train)
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -460,7 +460,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     try:
         return run(args)
-    except (GlueRecipeError, CheckpointError, NonFiniteLossError) as err:
+    except (GlueRecipeError, CheckpointError, NonFiniteLossError, TrackingError) as err:
         sys.exit(f"glue.py: error: {err}")
 
 

@@ -44,7 +44,7 @@ from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLo
                                   add_training_args, build_accelerator, build_optimizer, check_common_args,
                                   check_hidden_states_match, create_hub_repo, finish_run, inher_config_from_args,
                                   inherit_for_training, param_counts, prepare_training, resolve_checkpoint,
-                                  run_results, train)
+                                  run_results, TrackingError, train)
 
 HUB_DATASET, HUB_CONFIG = "openai/gsm8k", "main"
 IGNORE_INDEX = -100
@@ -435,7 +435,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     try:
         return run(args)
-    except (Gsm8kRecipeError, CheckpointError, NonFiniteLossError) as err:
+    except (Gsm8kRecipeError, CheckpointError, NonFiniteLossError, TrackingError) as err:
         sys.exit(f"gsm8k.py: error: {err}")
 
 

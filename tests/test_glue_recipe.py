@@ -561,6 +561,18 @@ def test_flags_that_would_be_unused_or_invalid_are_refused_at_parse_time(flags, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="needs a tracker that is not installed")
+def test_tracking_with_no_installed_tracker_is_an_error(tmp_path):
+    """accelerate drops trackers that are not installed with a debug log; the recipes refuse instead of logging
+    nothing."""
+    from inhernet_hf.training import TrackingError, build_accelerator
+
+    args = load_recipe().parse_args(["--task_name", "sst2", "--model_name_or_path", "m", "--output_dir",
+                                     str(tmp_path), "--with_tracking", "--report_to", "wandb"])
+    with pytest.raises(TrackingError, match="--with_tracking --report_to wandb: none of these trackers is installed"):
+        build_accelerator(args)
+
+
 @needs_glue
 def test_bad_inheritance_and_resume_options(tmp_path, capsys):
     message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--inher_init", "bogus"], tmp_path, capsys)
