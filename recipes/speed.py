@@ -189,12 +189,13 @@ def table_rows(facts: dict, pairs: dict, memory: dict, keys: list[str]) -> list[
     return rows
 
 
-def write_json(args: argparse.Namespace, rows: list[dict], complete: bool) -> None:
-    """The rows so far, written to a temporary file and renamed: a kill never leaves a half-written JSON."""
+def write_json(args: argparse.Namespace, rows: list[dict], complete: bool, **fields) -> None:
+    """The rows so far (and `fields`) to --output_json, written to a temporary file and renamed: a kill never leaves
+    a half-written JSON. Shared by the benchmark recipes that rewrite their JSON after every row."""
     path = Path(args.output_json)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"args": vars(args), "complete": complete, "rows": rows}, indent=2))
+    tmp.write_text(json.dumps({**fields, "args": vars(args), "complete": complete, "rows": rows}, indent=2))
     tmp.replace(path)
 
 
@@ -239,6 +240,11 @@ def main() -> None:
     parser.add_argument("--output_json", default=None,
                         help="Write the rows here, rewritten after every variant ('complete': false until the end).")
     args = parser.parse_args()
+    for flag in ("seq_len", "decode_tokens", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if min(args.prefill_batch_sizes) < 1:
+        parser.error(f"--prefill_batch_sizes must all be >= 1, got {args.prefill_batch_sizes}.")
     configs = variant_configs(parser, args)
     dtype = model_dtype(args)
     torch.manual_seed(0)

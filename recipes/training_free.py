@@ -13,7 +13,6 @@ tokens spread evenly over the evaluation text.
 
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -25,7 +24,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inhernet_hf import InherConfig, get_inher_model
 from inhernet_hf.calibration import sample_windows
+from inhernet_hf.config import INIT_CHOICES, RANK_ALLOCATION_CHOICES
 from inhernet_hf.offline_models import model_or_smollm2
+from speed import write_json  # recipes/ is on sys.path when this file runs as a script
 
 
 
@@ -86,8 +87,9 @@ def main() -> None:
     parser.add_argument("--gguf_file", default=None)
     parser.add_argument("--data_dir", default=os.environ.get("INHERNET_DATA_DIR"))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
-    parser.add_argument("--inits", nargs="+", default=["svd", "whitened"])
-    parser.add_argument("--allocations", nargs="+", default=["uniform", "energy", "activation"])
+    parser.add_argument("--inits", nargs="+", default=["svd", "whitened"], choices=INIT_CHOICES)
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "energy", "activation"],
+                        choices=RANK_ALLOCATION_CHOICES)
     parser.add_argument("--num_heads", type=int, default=1)
     parser.add_argument("--calibration_damping", type=float, default=0.0)
     parser.add_argument("--calibration_samples", type=int, default=64)
@@ -96,8 +98,15 @@ def main() -> None:
     parser.add_argument("--max_eval_windows", type=int, default=24)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_json", default=None)
+    parser.add_argument("--output_json", default=None,
+                        help="Write the rows here, rewritten after every row ('complete': false until the end).")
     args = parser.parse_args()
+    try:  # every configuration is checked before the model loads
+        configs = [InherConfig(target_ratio=ratio, num_heads=args.num_heads, init=init, rank_allocation=allocation,
+                               calibration_damping=args.calibration_damping)
+                   for ratio in args.ratios for init in args.inits for allocation in args.allocations]
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
     path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
 
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
@@ -109,21 +118,19 @@ def main() -> None:
     rows = [{"ratio": 1.0, "init": "dense", "allocation": "-", "ppl": perplexity(dense, windows, args.batch_size),
              "realised_ratio": 1.0, "compress_s": 0.0}]
     print(rows[0])
-    for ratio in args.ratios:
-        for init in args.inits:
-            for allocation in args.allocations:
-                config = InherConfig(target_ratio=ratio, num_heads=args.num_heads, init=init,
-                                     rank_allocation=allocation, calibration_damping=args.calibration_damping)
-                model = copy.deepcopy(dense)
-                start = time.perf_counter()
-                inherited = get_inher_model(model, config, calibration_data=batches if config.needs_calibration else None,
-                                            progressbar=False)
-                seconds = time.perf_counter() - start
-                rows.append({"ratio": ratio, "init": init, "allocation": allocation,
-                             "ppl": perplexity(inherited, windows, args.batch_size),
-                             "realised_ratio": inherited.report().ratio, "compress_s": seconds})
-                print(rows[-1])
-                del model, inherited
+    for config in configs:
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        inherited = get_inher_model(model, config, calibration_data=batches if config.needs_calibration else None,
+                                    progressbar=False)
+        seconds = time.perf_counter() - start
+        rows.append({"ratio": config.target_ratio, "init": config.init, "allocation": config.rank_allocation,
+                     "ppl": perplexity(inherited, windows, args.batch_size),
+                     "realised_ratio": inherited.report().ratio, "compress_s": seconds})
+        print(rows[-1])
+        if args.output_json:
+            write_json(args, rows, complete=False, model=path, data=note)
+        del model, inherited
 
     dense_ppl = rows[0]["ppl"]
     print(f"\nWikiText-2 perplexity, {path} ({note})")
@@ -133,9 +140,7 @@ def main() -> None:
         print(f"| {r['ratio']} | {r['init']} | {r['allocation']} | {r['realised_ratio']:.4f} | {r['ppl']:.2f} | "
               f"{r['ppl'] / dense_ppl:.2f} | {r['compress_s']:.1f} |")
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps({"model": path, "data": note, "args": vars(args), "rows": rows},
-                                                     indent=2))
+        write_json(args, rows, complete=True, model=path, data=note)
 
 
 if __name__ == "__main__":
