@@ -18,9 +18,10 @@ RECIPES = REPO / "recipes"
 DATA_DIR = Path(os.environ.get("INHERNET_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
-def launch(recipe: str, args, output_dir, num_processes=1, env=None, check=True, timeout=300):
+def launch(recipe: str, args, output_dir, num_processes=1, env=None, check=True, timeout=300, mixed_precision="no"):
     """`accelerate launch recipes/<recipe>.py ARGS --output_dir OUTPUT_DIR` on CPU; returns the CompletedProcess."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+               "--mixed_precision", mixed_precision,
                "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--num_processes", str(num_processes)]
     extra = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if num_processes == 1:
