@@ -11,7 +11,7 @@ blocks (encoder-decoders, multi-tower VLMs) fall back to one pass over the whole
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional
 
 import torch
@@ -69,8 +69,9 @@ def _dataset_batches(dataset, tokenizer, max_length: int, batch_size: int) -> It
             batch = dataset[start:start + batch_size]
             if not isinstance(batch["input_ids"], torch.Tensor):  # rows of different lengths come back as lists
                 if tokenizer is None:
-                    raise ValueError(f"The calibration Dataset's rows {start}..{start + batch_size - 1} have different "
-                                     f"lengths; pass `tokenizer=` to pad them, or tokenize with padding='max_length'.")
+                    last = min(start + batch_size, len(dataset)) - 1
+                    raise ValueError(f"The calibration Dataset's rows {start}..{last} have different lengths; pass "
+                                     f"`tokenizer=` to pad them, or tokenize with padding='max_length'.")
                 batch = dict(tokenizer.pad(batch, return_tensors="pt"))
             yield batch
     elif "text" in dataset.column_names and tokenizer is not None:
@@ -150,15 +151,15 @@ def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: lis
 
 class _GramHooks:
     """Forward pre-hooks accumulating X^T X (float64) of each named Linear's input; inputs shared by several
-    targets (q/k/v, gate/up) are multiplied once per batch. Padding rows are dropped when a mask is set, except for
-    the `unmasked` targets. With `stop_after`, the hook of that target ends the forward pass once its statistics
-    are taken."""
+    targets (q/k/v, gate/up) are multiplied once per batch. Padding rows are dropped when a mask is set, unless
+    `keeps_padding(name, x)` says the mask does not describe that input. With `stop_after`, the hook of that target
+    ends the forward pass once its statistics are taken."""
 
     def __init__(self, modules: dict[str, nn.Module], stop_after: Optional[str] = None,
-                 unmasked: frozenset[str] | set[str] = frozenset()) -> None:
+                 keeps_padding: Optional[Callable[[str, torch.Tensor], bool]] = None) -> None:
         self.grams: dict[str, torch.Tensor] = {}
         self.mask: Optional[torch.Tensor] = None
-        self.unmasked = unmasked
+        self.keeps_padding = keeps_padding
         self._products: dict = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n, n == stop_after)) for n, m in modules.items()]
 
@@ -169,7 +170,7 @@ class _GramHooks:
         def hook(_module, args):
             x = args[0]
             # keyed by address; the entry holds x so that address cannot be recycled by a later input this batch
-            mask = None if name in self.unmasked else self.mask
+            mask = None if self.keeps_padding is not None and self.keeps_padding(name, x) else self.mask
             key = (x.data_ptr(), tuple(x.shape), mask is None)
             if key not in self._products:
                 flat = x.detach().reshape(-1, x.shape[-1])
@@ -228,16 +229,16 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
     blocks = find_blocks(model, targets)
     with torch.no_grad():
         if blocks is None:  # one pass over the whole model, every target's statistics at once
-            # the attention mask does not describe the inputs of an encoder-decoder's decoder: they keep their padding
-            unmasked = {t for t in targets if "decoder" in t.split(".")} if getattr(
-                getattr(model, "config", None), "is_encoder_decoder", False) else set()
-            hooks = _GramHooks({t: model.get_submodule(t) for t in targets}, unmasked=unmasked)
+            keeps_padding, handles = _encoder_decoder_padding_rule(model)
+            hooks = _GramHooks({t: model.get_submodule(t) for t in targets}, keeps_padding=keeps_padding)
             try:
                 for batch in tqdm(batches, desc=f"{desc} (whole model)", disable=not progressbar):
                     hooks.new_batch(_flat_mask(batch))
                     model(**_model_kwargs(model, batch))
             finally:
                 hooks.remove()
+                for handle in handles:
+                    handle.remove()
             yield hooks.grams
             return
         inputs = _capture_first_block_inputs(model, blocks[0][1], batches)
@@ -256,6 +257,21 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
             inputs = [_advance(block, args, kwargs) for args, kwargs in inputs]
 
 
+def _encoder_decoder_padding_rule(model: nn.Module) -> tuple[Optional[Callable[[str, torch.Tensor], bool]], list]:
+    """For an encoder-decoder: (keeps_padding, hook handles). The attention mask describes the encoder's rows and
+    the encoder output that cross-attention reads, not the decoder's own inputs, which keep their padding. For other
+    models: (None, [])."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+        return None, []
+    encoder_output = {}
+    handle = model.get_encoder().register_forward_hook(lambda _m, _a, out: encoder_output.update(ptr=out[0].data_ptr()))
+
+    def keeps_padding(name: str, x: torch.Tensor) -> bool:
+        return "decoder" in name.split(".") and x.data_ptr() != encoder_output.get("ptr")
+
+    return keeps_padding, [handle]
+
+
 def _advance(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
     """Run `block` and return the (args, kwargs) of the next block: its output replaces the hidden states."""
     out = block(*args, **kwargs)
@@ -265,16 +281,24 @@ def _advance(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _unpadded_row(batch: dict, row: int) -> dict:
-    """Row `row` of `batch` as a batch of one, without its padding positions (attention_mask 0) in any tensor that
-    has the mask's sequence length."""
+def _unpadded_row(batch: dict, row: int, encoder_decoder: bool) -> Optional[dict]:
+    """Row `row` of `batch` as a batch of one, its padding positions (attention_mask 0) cut from the inputs the mask
+    describes: every sequence-long tensor of a decoder-only model, the encoder side (not `decoder_*`, not the
+    labels) of an encoder-decoder. None when the row is all padding."""
     single = {k: v[row:row + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     mask = single.get("attention_mask")
     if mask is None or mask.dim() != 2 or bool(mask.all()):
         return single
     keep = mask[0].bool()
-    return {k: v[:, keep] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == keep.numel() else v
-            for k, v in single.items()}
+    if not keep.any():
+        return None
+
+    def described(key: str, value) -> bool:
+        if encoder_decoder and (key.startswith("decoder_") or key == "labels"):
+            return False
+        return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == keep.numel()
+
+    return {k: v[:, keep] if described(k, v) else v for k, v in single.items()}
 
 
 def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict], seed: int = 0,
@@ -290,6 +314,7 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     counts = {t: 0 for t in targets}
     generator = torch.Generator().manual_seed(seed)
     flags = {p: p.requires_grad for p in model.parameters()}
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     embeddings = model.get_input_embeddings()
 
     def grad_hook(name):
@@ -306,7 +331,10 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
         model.requires_grad_(False)
         for batch in tqdm(batches, desc="Output sensitivity", disable=not progressbar):
             for row in range(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]):
-                outputs = model(**_model_kwargs(model, _unpadded_row(batch, row)))
+                single = _unpadded_row(batch, row, encoder_decoder)
+                if single is None:
+                    continue
+                outputs = model(**_model_kwargs(model, single))
                 if getattr(outputs, "logits", None) is None:
                     raise ValueError(f"rank_allocation='activation' needs a model whose outputs have logits (a "
                                      f"...ForCausalLM / ...ForSequenceClassification class); {type(model).__name__} "

@@ -58,7 +58,8 @@ def capture_head_input(model: nn.Module):
         if feature.ndim != 2:
             raise ValueError(f"HKT and HCD need a classification head applied to a pooled (batch, hidden) feature, as "
                              f"BERT-family classifiers have; {type(model).__name__}'s {type(head).__name__} is applied "
-                             f"to the {tuple(feature.shape)} sequence. Use --distill_method kd (Hinton KD) for this model.")
+                             f"to the {tuple(feature.shape)} sequence. Use Hinton KD for this model (the recipes' "
+                             f"--distill_method kd).")
         store["feature"] = feature
 
     handle = head.register_forward_pre_hook(hook)

@@ -133,7 +133,7 @@ class InherLinear(nn.Module):
                 f"(out={self.out_features}, in={self.in_features})."
             )
         _check_choice("init", init, INIT_CHOICES, "InherLinear.inherit_")
-        _check_choice("head_init", head_init, HEAD_INIT_CHOICES, "InherLinear.inherit_")
+        _check_choice("head_init", head_init, HEAD_INIT_CHOICES, "InherLinear.inherit_")  # before the SVD, not after
         if init != "random" and self.rank > min(weight.shape):
             raise ValueError(f"rank={self.rank} exceeds min(out, in)={min(weight.shape)}: a truncated SVD of the "
                              f"{tuple(weight.shape)} teacher weight has at most that many factors.")
@@ -155,13 +155,13 @@ class InherLinear(nn.Module):
     ) -> None:
         """Write the factors of W_r = U_r diag(S_r) Vh_r (u: (out, r), s: (r,), vh: (r, in)) into the down-projection
         and every head, split as `head_init` says, and copy the teacher's bias into every head."""
+        _check_choice("head_init", head_init, HEAD_INIT_CHOICES, "InherLinear.set_factors_")
         m = self.num_heads
         if head_init == "balanced":
             down, head = s.sqrt()[:, None] * vh, u * s.sqrt()
         elif head_init == "paper":
             down, head = s.sqrt()[:, None] * vh, u * s.sqrt() / m
-        else:
-            _check_choice("head_init", head_init, HEAD_INIT_CHOICES, "InherLinear.set_factors_")
+        else:  # "demo"
             down, head = vh, u * s / m
         if self.structure == "symmetric":
             down = down.repeat(m, 1)

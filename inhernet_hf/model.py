@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from .report import InherReport, LayerRecord, dense_param_count
 from .targets import dense_weight, find_targets, is_replaceable, matches
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+logger = logging.getLogger(__name__)
 
 
 def _check_weight(name: str, module: nn.Module) -> None:
@@ -98,8 +100,8 @@ def get_inher_model(
         raise ValueError(f"rank_pattern keys {unused} match no targeted module (a key must match the end of a full "
                          f"name, e.g. 'mlp\\.down_proj' or r'layers\\.0\\..*'); targets look like {targets[0]!r}.")
     records = [plan_layer(name, module, config) for name, module in modules.items()]
-    was_training = model.training
-    model.eval()  # calibration passes without dropout; the mode is restored after
+    modes = {name: module.training for name, module in model.named_modules()}
+    model.eval()  # calibration passes without dropout; every module's mode is restored after
     try:
         if config.rank_allocation != "uniform":
             allocate_ranks(records, _rank_gains(model, modules, batches, config, progressbar), config)
@@ -113,7 +115,7 @@ def get_inher_model(
             for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
                 _inherit_one(model, record, modules.pop(record.name), config)
     finally:
-        model.train(was_training)
+        _restore_modes(model, modes)
     for name in config.modules_to_save or []:
         for module_name, module in model.named_modules():
             if matches([name], module_name):
@@ -127,6 +129,16 @@ def get_inher_model(
         print(f"inhernet_hf: {n} layers inherited, {len(records) - n} kept dense; targeted parameters "
               f"{report.dense_params:,} -> {report.params:,} (ratio {report.ratio:.4f}, {target})")
     return InherModel(model, config, report)
+
+
+def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Give every module its recorded train/eval mode; a new InherLinear (and its parts) takes the mode of the
+    module it replaced."""
+    for name, module in model.named_modules():
+        key = name
+        while key not in modes:
+            key = key.rpartition(".")[0]
+        module.training = modes[key]
 
 
 def _inherit_one(model: nn.Module, record: LayerRecord, dense: nn.Module, config: InherConfig,
@@ -192,23 +204,30 @@ def attach_description(model: PreTrainedModel, config: InherConfig, report: Inhe
 
 def rename_layers_for(model: nn.Module, layers: list[dict]) -> list[dict]:
     """The recorded layers under `model`'s module names. Like transformers' own loading, a checkpoint saved with a
-    task head loads into its base model (AutoModel: the `base_model_prefix` is dropped and the head's layers are
-    left out) and one saved as the base model loads under a head (the prefix is added)."""
+    task head loads into its base model (the `base_model_prefix` is dropped) or under another head, leaving out the
+    saved head's own layers (with a warning, as transformers reports their unused weights), and one saved as the
+    base model loads under a head (the prefix is added)."""
     prefix = getattr(model, "base_model_prefix", "")
     names = dict(model.named_modules())
     if not prefix or all(spec["name"] in names for spec in layers):
         return layers
     saved_with_head = any(spec["name"].startswith(prefix + ".") for spec in layers)
-    renamed = []
+    renamed, dropped = [], []
     for spec in layers:
         name = spec["name"]
-        if name not in names and saved_with_head and prefix not in names:  # a head model's layers, loaded as the base
-            if not name.startswith(prefix + "."):
-                continue  # the head's own layer (lm_head, classifier): the base model has none
+        if name in names:
+            pass
+        elif saved_with_head and not name.startswith(prefix + "."):
+            dropped.append(name)  # the saved head's own layer (lm_head, classifier): this model has another or none
+            continue
+        elif saved_with_head and prefix not in names:  # a head model's layers, loaded as the base model
             name = name[len(prefix) + 1:]
-        elif name not in names and not saved_with_head and prefix in names:  # a base model's layers, under a head
+        elif not saved_with_head and prefix in names:  # a base model's layers, under a head
             name = f"{prefix}.{name}"
         renamed.append({**spec, "name": name})
+    if dropped:
+        logger.warning("Inherited layers %s belong to the saved model's head, which %s does not have; their weights "
+                       "are not loaded.", dropped, type(model).__name__)
     return renamed
 
 
@@ -256,7 +275,7 @@ class InherModel(nn.Module):
         self.base_model = base_model
         self.inher_config = inher_config
         self._report = report
-        self.training = base_model.training  # the wrapper reports the model's mode (set only on itself)
+        self.training = base_model.training  # the wrapper's own flag follows the model's; its modules keep theirs
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from glue import GLUE_TASKS, load_glue  # recipes/ is on sys.path when this file runs as a script
-from glue_table import MAIN_METRIC, RECIPE, add_launch_args, run
+from glue_table import MAIN_METRIC, RECIPE, add_launch_args, check_table_args, run
 
 STUDENT_METHODS = {"student": ["--kd_alpha", "0"], "student_kd": [], "student_hkt": ["--distill_method", "hkt"],
                    "student_hcd": ["--distill_method", "hcd"]}
@@ -64,7 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=4.0)
     add_launch_args(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    check_table_args(parser, args)
+    return args
 
 
 def match_budget(args: argparse.Namespace) -> tuple[int, float, int]:

@@ -39,11 +39,11 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited teachers load)
 from inhernet_hf.distill import HCDBranches, HCDLoss, HKTLoss, stage_ends
 from inhernet_hf.students import layer_student
-from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
-                                  add_training_args, build_accelerator, build_optimizer, changed_flags,
+from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, TrackingError, add_inher_args,
+                                  add_kd_args, add_training_args, build_accelerator, build_optimizer, changed_flags,
                                   check_common_args, check_hidden_states_match, create_hub_repo, evaluate, finish_run,
                                   inher_config_from_args, inherit_for_training, param_counts, prepare_training,
-                                  resolve_checkpoint, run_results, TrackingError, train)
+                                  resolve_checkpoint, run_results, train)
 
 HUB_DATASET = "nyu-mll/glue"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from inhernet_hf.offline_models import minilm_path
 
 RECIPE = Path(__file__).resolve().parent / "glue.py"
-RUN_RECORD = "table_run.json"  # the recipe flags of a finished run, written by run()
+RUN_RECORD = "table_run.json"  # the command of a finished run, written by run()
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
 
 
@@ -49,11 +49,38 @@ def init_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def run(launcher: list[str], flags: list[str], output_dir: Path, overwrite: bool) -> tuple[dict, str]:
-    """Launch the recipe with `flags` unless `output_dir` already holds the results of the same flags.
+def check_table_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values the launched recipe would refuse only after earlier runs of the table: refused before any run."""
+    for flag in ("max_train_samples", "max_eval_samples", "max_generation_samples"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if not 0 < args.kd_alpha <= 1:
+        parser.error(f"--kd_alpha weights the table's KD runs: it must lie in (0, 1], got {args.kd_alpha}.")
+    if not args.kd_temperature > 0:
+        parser.error(f"--kd_temperature must be > 0, got {args.kd_temperature}.")
 
-    Returns (all_results.json, the command that made them). The flags of a finished run are stored beside its
-    results (`RUN_RECORD`); a folder whose stored flags differ is refused, never silently reused. A folder made
+
+def comparable(launcher: list[str], flags: list[str]) -> list[str]:
+    """What decides a run's results, for comparing runs: the launcher's options (not the program, the recipe path or
+    the CPU thread count) and the recipe flags, with existing paths resolved and --output_dir (the folder itself)
+    left out."""
+    def tokens(items: list[str], skip: tuple[str, ...]) -> list[str]:
+        out, items = [], iter(items)
+        for item in items:
+            if item in skip:
+                next(items, None)
+            else:
+                out.append(str(Path(item).resolve()) if os.path.exists(item) else item)
+        return out
+
+    return tokens(launcher[1:-1], ("--num_cpu_threads_per_process",)) + tokens(flags, ("--output_dir",))
+
+
+def run(launcher: list[str], flags: list[str], output_dir: Path, overwrite: bool) -> tuple[dict, str]:
+    """Launch the recipe with `flags` unless `output_dir` already holds the results of the same run.
+
+    Returns (all_results.json, the command that made them). A finished run's command is stored beside its results
+    (`RUN_RECORD`); a folder whose run differs (`comparable`) is refused, never silently reused. A folder made
     outside the table recipes (no record) is reused with a warning and its command reported as unrecorded.
     """
     results, record = output_dir / "all_results.json", output_dir / RUN_RECORD
@@ -61,17 +88,16 @@ def run(launcher: list[str], flags: list[str], output_dir: Path, overwrite: bool
     if overwrite or not results.is_file():
         print("$", command, flush=True)
         subprocess.run(launcher + flags, check=True)
-        record.write_text(json.dumps({"recipe_flags": flags, "command": command}, indent=2))
+        record.write_text(json.dumps({"command": command, "compared": comparable(launcher, flags)}, indent=2))
     elif not record.is_file():
-        print(f"warning: reusing {output_dir}: its flags were not recorded (made outside the table recipes)",
+        print(f"warning: reusing {output_dir}: its command was not recorded (made outside the table recipes)",
               flush=True)
         command = "unrecorded (reused)"
     else:
         stored = json.loads(record.read_text())
-        if stored["recipe_flags"] != flags:
-            sys.exit(f"error: {output_dir} holds a run made with other flags.\n"
-                     f"  stored: {shlex.join(stored['recipe_flags'])}\n  asked:  {shlex.join(flags)}\n"
-                     "Pass --overwrite to redo it, or choose another --output_root.")
+        if stored["compared"] != comparable(launcher, flags):
+            sys.exit(f"error: {output_dir} holds a run made by another command.\n  stored: {stored['command']}\n"
+                     f"  asked:  {command}\nPass --overwrite to redo it, or choose another --output_root.")
         command = stored["command"]
     return json.loads(results.read_text()), command
 
@@ -98,6 +124,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     add_launch_args(parser)
     args = parser.parse_args()
+    check_table_args(parser, args)
     if args.kd_hidden_weight < 0:
         parser.error(f"--kd_hidden_weight must be >= 0, got {args.kd_hidden_weight}.")
     model = args.model_name_or_path or minilm_path()

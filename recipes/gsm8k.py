@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited models load)
-from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, add_inher_args, add_kd_args,
-                                  add_training_args, build_accelerator, build_optimizer, check_common_args,
+from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, TrackingError, add_inher_args,
+                                  add_kd_args, add_training_args, build_accelerator, build_optimizer, check_common_args,
                                   check_hidden_states_match, create_hub_repo, finish_run, inher_config_from_args,
                                   inherit_for_training, param_counts, prepare_training, resolve_checkpoint,
-                                  run_results, TrackingError, train)
+                                  run_results, train)
 
 HUB_DATASET, HUB_CONFIG = "openai/gsm8k", "main"
 IGNORE_INDEX = -100
@@ -334,8 +334,6 @@ def load_teacher(args: argparse.Namespace, student, tokenizer):
 def run(args: argparse.Namespace) -> dict:
     wall_start = time.perf_counter()
     use_kd = not args.no_inher and (args.kd_alpha > 0 or args.kd_hidden_weight > 0)
-    if args.no_inher and args.teacher_name_or_path:
-        print("warning: --teacher_name_or_path is ignored with --no_inher (no distillation).", file=sys.stderr)
     inher_config = None
     if not args.no_inher:
         try:

@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 
 # recipes/ is on sys.path when this file runs as a script
-from glue_table import add_init_args, add_launch_args, init_flags, run
+from glue_table import add_init_args, add_launch_args, check_table_args, init_flags, run
 
 from inhernet_hf.offline_models import model_or_smollm2
 
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     add_launch_args(parser)
     args = parser.parse_args()
+    check_table_args(parser, args)
     model, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
     root = Path(args.output_root)
     common = ["--model_name_or_path", model, "--per_device_train_batch_size", str(args.per_device_train_batch_size),

@@ -155,7 +155,7 @@ def test_hkt_refuses_a_head_applied_to_the_sequence():
                          num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
     model = LlamaForSequenceClassification(config)
     with pytest.raises(ValueError, match=r"pooled \(batch, hidden\) feature.*Linear is applied to the \(4, 10, 32\) "
-                                         r"sequence\. Use --distill_method kd"):
+                                         r"sequence\. Use Hinton KD for this model"):
         HKTLoss(model)(model, batch())
 
 

@@ -107,28 +107,35 @@ def test_output_sensitivity_ignores_padding():
 
 def test_calibration_runs_without_dropout_and_restores_the_mode():
     """A model in train mode is calibrated in eval mode (dropout off: the same model as from an eval-mode copy) and
-    handed back in train mode."""
+    handed back with every module in its own mode (a part the user froze in eval mode stays so; new layers take
+    the mode of the layer they replace)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    dense = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.5,
-                                                     attention_probs_dropout_prob=0.5)).train()
+    dense = BertForSequenceClassification(BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)).train()
     config = InherConfig(target_ratio=0.5, num_heads=2, init="whitened", rank_allocation="activation",
                          task_type="SEQ_CLS")
     inherited = {}
     for mode in (True, False):
         torch.manual_seed(1)  # the gates' random init
-        inherited[mode] = get_inher_model(copy.deepcopy(dense).train(mode), config, calibration_data=calibration(),
-                                          progressbar=False)
+        model = copy.deepcopy(dense).train(mode)
+        model.bert.embeddings.eval()
+        inherited[mode] = get_inher_model(model, config, calibration_data=calibration(), progressbar=False)
     for (name, a), b in zip(inherited[True].state_dict().items(), inherited[False].state_dict().values()):
         assert torch.equal(a, b), name
     assert inherited[True].training and not inherited[False].training
+    for mode, model in inherited.items():
+        modes = {name: m.training for name, m in model.base_model.named_modules()}
+        assert not any(v for k, v in modes.items() if k.startswith("bert.embeddings"))
+        assert all(v == mode for k, v in modes.items() if k.startswith("bert.encoder"))  # InherLinear parts included
 
 
-def test_whole_model_calibration_keeps_the_decoder_rows_of_an_encoder_decoder():
-    """T5 (no single list of blocks): encoder grams drop the encoder's padding rows; the decoder's inputs are not
-    described by that mask, so none of their rows are dropped even when both sequences have the same length."""
+def test_whole_model_calibration_masks_what_the_encoder_mask_describes():
+    """T5 (no single list of blocks): the encoder's grams and the cross-attention's key projection (it reads the
+    encoder output) drop the encoder's padding rows; the decoder's own inputs are not described by that mask, so
+    none of their rows are dropped even when both sequences have the same length."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     from inhernet_hf.calibration import block_grams
@@ -139,7 +146,8 @@ def test_whole_model_calibration_keeps_the_decoder_rows_of_an_encoder_decoder():
     ids = calibration(n_batches=1, batch=2, length=8)[0]["input_ids"]
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids.flip(1)}
-    targets = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]
+    targets = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q",
+               "decoder.block.1.layer.1.EncDecAttention.k"]
     seen = {}
     hooks = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a, t=t: seen.setdefault(t, a[0]))
              for t in targets]
@@ -148,10 +156,25 @@ def test_whole_model_calibration_keeps_the_decoder_rows_of_an_encoder_decoder():
     for hook in hooks:
         hook.remove()
     (grams,) = list(block_grams(model, targets, [batch], progressbar=False))
-    encoder_rows = seen[targets[0]].reshape(-1, 32)[mask.reshape(-1).bool()].double()
-    decoder_rows = seen[targets[1]].reshape(-1, 32).double()
-    torch.testing.assert_close(grams[targets[0]], encoder_rows.T @ encoder_rows, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grams[targets[1]], decoder_rows.T @ decoder_rows, rtol=1e-5, atol=1e-5)
+    for target, masked in zip(targets, (True, False, True)):
+        rows = seen[target].reshape(-1, 32).double()
+        rows = rows[mask.reshape(-1).bool()] if masked else rows
+        torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_unpadded_row_cuts_only_what_the_mask_describes():
+    from inhernet_hf.calibration import _unpadded_row
+
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+    ids, decoder_ids = torch.arange(12).view(3, 4), torch.arange(100, 112).view(3, 4)
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids, "labels": decoder_ids}
+    seq2seq = _unpadded_row(batch, 1, encoder_decoder=True)
+    assert seq2seq["input_ids"].tolist() == [[4, 5]] and seq2seq["attention_mask"].tolist() == [[1, 1]]
+    assert seq2seq["decoder_input_ids"].tolist() == seq2seq["labels"].tolist() == [[104, 105, 106, 107]]
+    causal = _unpadded_row({"input_ids": ids, "attention_mask": mask, "labels": ids}, 1, encoder_decoder=False)
+    assert causal["input_ids"].tolist() == causal["labels"].tolist() == [[4, 5]]
+    assert _unpadded_row(batch, 0, encoder_decoder=True)["input_ids"].tolist() == [[0, 1, 2, 3]]
+    assert _unpadded_row(batch, 2, encoder_decoder=True) is None  # all padding: nothing to run
 
 
 def test_ragged_tokenized_dataset_is_padded_by_the_tokenizer():

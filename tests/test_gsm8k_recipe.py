@@ -281,25 +281,28 @@ def test_table_reuses_only_runs_made_with_the_same_flags(tmp_path):
     same folders are refused before anything runs; --overwrite redoes the runs with the new flags."""
     launcher = shlex.join([sys.executable, "-c", RECORDING_LAUNCHER])
 
-    def table(*flags):
+    def table(*flags, root=tmp_path, cwd=None):
         return subprocess.run([sys.executable, str(RECIPES / "gsm8k_table.py"), "--model_name_or_path", "some/model",
-                               "--target_ratios", "0.8", "--num_heads", "1", "--output_root", str(tmp_path),
-                               "--launcher", launcher, *flags], capture_output=True, text=True)
+                               "--target_ratios", "0.8", "--num_heads", "1", "--output_root", str(root),
+                               "--launcher", launcher, *flags], capture_output=True, text=True, cwd=cwd)
 
     first = table()
     assert first.returncode == 0 and first.stdout.count("$ ") == 3
     commands = [row["command"] for row in json.loads((tmp_path / "gsm8k_table.json").read_text())]
-    again = table()
+    again = table(root=tmp_path.name, cwd=tmp_path.parent)  # the same folders, named by a relative path
     assert again.returncode == 0 and "$ " not in again.stdout
     assert [row["command"] for row in json.loads((tmp_path / "gsm8k_table.json").read_text())] == commands
 
     other = table("--kd_alpha", "0.9")  # the dense and no-KD runs match; the KD run was made with alpha 0.5
     assert other.returncode != 0 and "$ " not in other.stdout
-    assert f"{tmp_path / 'inher_0.8_kd'} holds a run made with other flags" in other.stderr
+    assert f"{tmp_path / 'inher_0.8_kd'} holds a run made by another command" in other.stderr
     assert "--kd_alpha 0.5" in other.stderr and "--kd_alpha 0.9" in other.stderr
+
+    assert "--kd_alpha weights the table's KD runs: it must lie in (0, 1], got 0.0" in table("--kd_alpha", "0").stderr
 
     redone = table("--kd_alpha", "0.9", "--overwrite")
     assert redone.returncode == 0 and redone.stdout.count("$ ") == 3
     kd_row = json.loads((tmp_path / "gsm8k_table.json").read_text())[2]
-    assert "--kd_alpha 0.9" in kd_row["command"] and kd_row["results"]["args"][-2:] != ["--kd_alpha", "0.5"]
+    stored_args = kd_row["results"]["args"]  # what the recording launcher received
+    assert "--kd_alpha 0.9" in kd_row["command"] and stored_args[stored_args.index("--kd_alpha") + 1] == "0.9"
 

@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hub_server import recording_hub, run_python
 from inhernet_hf import InherConfig, InherLinear, InherModel, get_inher_model
@@ -53,7 +53,8 @@ def test_folder_layout_and_both_load_paths(saved):
 
 def test_checkpoint_loads_into_base_model_and_under_a_head(tmp_path):
     """As with dense checkpoints: a causal LM's inherited checkpoint loads with AutoModel (the "model." prefix is
-    dropped, the inherited lm_head left out), and that base model, saved, loads under the LM head again."""
+    dropped, the inherited lm_head left out) and under another head, and the base model, saved, loads under the LM
+    head again."""
     model = tiny_inherited(target_modules=["q_proj", "down_proj", "lm_head"]).eval()
     model.save_pretrained(tmp_path / "lm")
     with torch.no_grad():
@@ -64,6 +65,9 @@ def test_checkpoint_loads_into_base_model_and_under_a_head(tmp_path):
     assert isinstance(base.get_submodule("layers.1.mlp.down_proj"), InherLinear)
     with torch.no_grad():
         assert torch.equal(base(input_ids=IDS).last_hidden_state, hidden)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=2)  # another head
+    assert isinstance(classifier.model.layers[0].mlp.down_proj, InherLinear) and not isinstance(classifier.score,
+                                                                                                  InherLinear)
     base.save_pretrained(tmp_path / "base")
     headed = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     assert isinstance(headed.get_submodule("model.layers.1.self_attn.q_proj"), InherLinear)
