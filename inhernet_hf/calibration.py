@@ -301,20 +301,35 @@ def _unpadded_row(batch: dict, row: int, encoder_decoder: bool) -> Optional[dict
     return {k: v[:, keep] if described(k, v) else v for k, v in single.items()}
 
 
+def _sampled_label_loss(logits: torch.Tensor, generator: torch.Generator, regression: bool) -> torch.Tensor:
+    """The model's negative log-likelihood of targets drawn from its own predictive distribution (float32 logits
+    (..., K)): a categorical over softmax(logits), or for a regression head a unit Gaussian around the outputs,
+    whose loss 0.5 ||logits - y||^2 has the gradient -eps, eps ~ N(0, I) (a cross-entropy over one logit would have
+    none)."""
+    if regression:
+        noise = torch.randn(logits.shape, generator=generator).to(logits.device)
+        return 0.5 * (logits - (logits.detach() + noise)).square().sum()
+    probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
+    labels = torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device).view(-1)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
+
+
 def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict], seed: int = 0,
                        progressbar: bool = True) -> dict[str, float]:
     """Mean squared loss gradient per output element of each target, E ||dL/dy||^2 / out_features: the per-layer
     Fisher scalar f_l with which an output error delta costs about f_l ||delta||^2 of loss.
 
-    The loss is the model's own predictive cross-entropy against labels sampled from its logits (the true Fisher,
-    no labels needed). Each example runs alone without its padding, so padding enters neither the loss nor the
+    The loss is the model's own negative log-likelihood of targets sampled from its predictions (the true Fisher,
+    no labels needed; `_sampled_label_loss`). Each example runs alone without its padding, so padding enters neither the loss nor the
     average. Parameters are frozen for the pass, so no weight gradient is allocated.
     """
     sums = {t: 0.0 for t in targets}
     counts = {t: 0 for t in targets}
     generator = torch.Generator().manual_seed(seed)
     flags = {p: p.requires_grad for p in model.parameters()}
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    config = getattr(model, "config", None)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    regression = getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1
     embeddings = model.get_input_embeddings()
 
     def grad_hook(name):
@@ -340,11 +355,7 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
                                      f"...ForCausalLM / ...ForSequenceClassification class); {type(model).__name__} "
                                      f"returns {type(outputs).__name__}. Load the model with its head, or use "
                                      f"rank_allocation='energy' / 'uniform'.")
-                logits = outputs.logits.float()
-                probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
-                labels = torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device).view(-1)
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
-                loss.backward()
+                _sampled_label_loss(outputs.logits.float(), generator, regression).backward()
     finally:
         for handle in handles:
             handle.remove()

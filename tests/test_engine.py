@@ -225,6 +225,26 @@ def test_activation_allocation_differs_from_energy():
     assert ranks["energy"] != ranks["activation"]
 
 
+def test_fisher_of_a_regression_head_is_the_gaussian_one():
+    """A one-output regression head (STS-B): the sampled-label loss is 0.5 (y_hat - y)^2 with y ~ N(y_hat, 1), so the
+    gradient at the head's output is -eps and its Fisher scalar is the mean of the drawn eps^2 (a cross-entropy over
+    one logit has zero gradient: every layer would score 0). Earlier layers get positive scalars too."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from inhernet_hf.calibration import output_sensitivity
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64, num_labels=1)).eval()
+    batches = calibration(n_batches=2, batch=3, length=8)
+    targets = ["classifier", "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"]
+    sensitivity = output_sensitivity(model, targets, batches, seed=5, progressbar=False)
+    generator = torch.Generator().manual_seed(5)
+    draws = torch.cat([torch.randn((1, 1), generator=generator) for _ in range(6)])  # one per example, in order
+    assert sensitivity["classifier"] == pytest.approx(draws.square().mean().item(), rel=1e-6)
+    assert all(sensitivity[t] > 0 for t in targets[1:])
+
+
 def assert_untouched(model, reference):
     assert not any(isinstance(m, InherLinear) for m in model.modules())
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
