@@ -40,10 +40,16 @@ def load_calibration_text(source: str, split: str, text_column: str, dataset_con
 def compress(args: argparse.Namespace) -> None:
     if (args.r is None) == (args.target_ratio is None):
         raise SystemExit("inhernet compress: give exactly one of --r and --target-ratio.")
-    config = InherConfig(r=args.r, target_ratio=args.target_ratio, num_heads=args.num_heads, init=args.init,
-                         rank_allocation=args.rank_allocation, min_rank=args.min_rank, rank_multiple=args.rank_multiple,
-                         target_modules=args.target_modules, calibration_damping=args.calibration_damping,
-                         svd_niter=args.svd_niter)
+    try:
+        config = InherConfig(r=args.r, target_ratio=args.target_ratio, num_heads=args.num_heads, init=args.init,
+                             rank_allocation=args.rank_allocation, min_rank=args.min_rank,
+                             rank_multiple=args.rank_multiple, target_modules=args.target_modules,
+                             calibration_damping=args.calibration_damping, svd_niter=args.svd_niter)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"inhernet compress: {err}") from None
+    for flag in ("calibration_samples", "calibration_seq_len"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"inhernet compress: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
     if config.needs_calibration and not args.calibration_data:
         raise SystemExit(f"inhernet compress: --init {args.init} / --rank-allocation {args.rank_allocation} need "
                          f"--calibration-data (a .txt/.raw/.jsonl file, a dataset folder or a Hub dataset id).")
@@ -52,6 +58,10 @@ def compress(args: argparse.Namespace) -> None:
                          "--rank-allocation activation.")
     load = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     model_config = AutoConfig.from_pretrained(args.model, **load)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if config.needs_calibration and positions is not None and args.calibration_seq_len > positions:
+        raise SystemExit(f"inhernet compress: --calibration-seq-len {args.calibration_seq_len} exceeds the model's "
+                         f"max_position_embeddings ({positions}).")
     model = model_class_for(model_config).from_pretrained(args.model, dtype=DTYPES[args.dtype], **load)
     model.to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model, **load)
@@ -63,7 +73,10 @@ def compress(args: argparse.Namespace) -> None:
         calibration = [{k: v.to(args.device) for k, v in batch.items()}
                        for batch in sample_windows(ids, args.calibration_samples, args.calibration_seq_len, args.seed)]
     start = time.perf_counter()
-    inherited = get_inher_model(model, config, calibration_data=calibration)
+    try:
+        inherited = get_inher_model(model, config, calibration_data=calibration)
+    except (TypeError, ValueError) as err:  # the library's input errors (targets, budgets, calibration, heads)
+        raise SystemExit(f"inhernet compress: {err}") from None
     seconds = time.perf_counter() - start
     inherited.save_pretrained(args.output, tokenizer=tokenizer)
     print(inherited.report())

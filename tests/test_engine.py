@@ -2,9 +2,9 @@
 calibration errors (model untouched), and the `inhernet` CLI on real models."""
 
 import copy
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +12,9 @@ from torch import nn
 
 from inhernet_hf import InherConfig, InherLinear, get_inher_model
 from inhernet_hf.factor import spectrum
+from recipes import DATA_DIR
 from reference import minilm_path, rank_r_reference, requires_cuda, tiny_llama
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def output_error(weight, layer, x):
@@ -308,7 +308,32 @@ def test_cli_compress_then_report_on_real_minilm(tmp_path):
     assert "saved to" in out.stdout
     report = subprocess.run(cli + ["report", str(tmp_path / "minilm"), "--plot", str(tmp_path / "plot.png")],
                             capture_output=True, text=True, check=True).stdout
-    assert "total (36 inherited" in report or "kept dense" in report
+    inherited, dense = map(int, re.search(r"total \((\d+) inherited, (\d+) kept dense\)", report).groups())
+    assert inherited + dense == 36 and inherited > 0  # 6 layers x 6 projections
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ratio = float(report.split("ratio ")[-1].split()[0])
     assert abs(ratio - 0.5) <= 0.01
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-ratio", "1.5"], "InherConfig.target_ratio=1.5 is not a valid ratio"),
+    (["--target-ratio", "0.5", "--num-heads", "0"], "InherConfig.num_heads=0 must be an int >= 1"),
+    (["--r", "8", "--rank-allocation", "energy"], "give `target_ratio` instead of `r`"),
+    (["--target-ratio", "0.5", "--init", "whitened", "--calibration-data", "x.txt", "--calibration-samples", "0"],
+     "--calibration-samples must be >= 1, got 0"),
+    (["--target-ratio", "0.5", "--init", "whitened", "--calibration-data", "x.txt", "--calibration-seq-len", "2000"],
+     "--calibration-seq-len 2000 exceeds the model's max_position_embeddings (512)"),
+    (["--target-ratio", "0.5", "--rank-allocation", "activation", "--calibration-samples", "2",
+      "--calibration-seq-len", "16", "--calibration-data", str(DATA_DIR / "wikitext-2-raw" / "wiki.test.raw")],
+     "rank_allocation='activation' needs a model whose outputs have logits"),  # MiniLM's folder is a BertModel
+])
+def test_cli_compress_bad_input_is_a_one_line_error(flags, message, tmp_path):
+    from inhernet_hf import cli
+
+    if "activation" in flags and not (DATA_DIR / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        pytest.skip(f"WikiText-2 not found under {DATA_DIR}")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compress", minilm_path(), "--output", str(tmp_path / "out"), "--device", "cpu", *flags])
+    assert str(info.value).startswith("inhernet compress: ") and message in str(info.value)
+    assert not (tmp_path / "out").exists()
+
