@@ -27,18 +27,26 @@ def rank_r_reference(weight: torch.Tensor, rank: int) -> torch.Tensor:
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
-def explicit_gated_sum(layer, x: torch.Tensor) -> torch.Tensor:
-    """sum_m g_m (W_u^m h + b_m) of an asymmetric InherLinear (softmax gate on h, or g_m = 1/M without a gate), in
-    float64 on the CPU, from the layer's own (possibly bfloat16, possibly CUDA) parameters: the reference for its
-    single-matmul forward."""
-    p = {name: t.detach().double().cpu() for name, t in layer.named_parameters()}
-    h = x.double().cpu() @ p["inher_down.weight"].T
+def gated_sum(layer, x: torch.Tensor, p: dict) -> torch.Tensor:
+    """sum_m g_m (W_u^m h_m + b_m), head by head, from the parameters `p` (name -> tensor) of an InherLinear: h_m is
+    the shared latent W_d x (asymmetric) or head m's own block of it (symmetric); g is the softmax gate on h or x
+    (gate_input), or 1/M without a gate. The reference for the layer's single-matmul forward."""
+    m_heads, rank = layer.num_heads, layer.rank
+    h = x @ p["inher_down.weight"].T
     if "inher_gate.weight" in p:
-        g = torch.softmax(h @ p["inher_gate.weight"].T + p["inher_gate.bias"], dim=-1)
+        z = h if layer.gate_input == "latent" else x
+        g = torch.softmax(z @ p["inher_gate.weight"].T + p["inher_gate.bias"], dim=-1)
     else:
-        g = torch.full((*h.shape[:-1], layer.num_heads), 1.0 / layer.num_heads, dtype=h.dtype)
-    heads = p["inher_up.weight"].split(layer.rank, dim=1)
-    return sum(g[..., m : m + 1] * (h @ w.T + p["inher_bias"][m]) for m, w in enumerate(heads))
+        g = torch.full((*h.shape[:-1], m_heads), 1.0 / m_heads, dtype=h.dtype)
+    latents = h.split(rank, dim=-1) if layer.structure == "symmetric" else [h] * m_heads
+    heads = p["inher_up.weight"].split(rank, dim=1)
+    bias = p.get("inher_bias")
+    return sum(g[..., m : m + 1] * (latents[m] @ w.T + (0 if bias is None else bias[m])) for m, w in enumerate(heads))
+
+
+def explicit_gated_sum(layer, x: torch.Tensor) -> torch.Tensor:
+    """`gated_sum` in float64 on the CPU from the layer's own (possibly bfloat16, possibly CUDA) parameters."""
+    return gated_sum(layer, x.double().cpu(), {n: t.detach().double().cpu() for n, t in layer.named_parameters()})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

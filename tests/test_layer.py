@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from inhernet_hf import InherConfig, InherLinear, get_inher_model, inher_num_params, truncated_svd
-from reference import explicit_gated_sum, rank_r_reference, rel_err
+from reference import explicit_gated_sum, gated_sum, rank_r_reference, rel_err
 
 
 def make_layer(dense: nn.Linear, rank: int, heads: int, **kw) -> InherLinear:
@@ -43,10 +43,13 @@ def test_gate_none_is_mean_of_heads_and_keeps_rank_r():
     torch.testing.assert_close(layer(x), torch.stack(heads).mean(0), rtol=1e-5, atol=1e-6)
 
 
-def test_forward_equals_explicit_gated_sum_of_heads():
-    """The single-matmul mixture equals sum_m g_m (W_u^m h + b_m) with the gate read from h."""
+@pytest.mark.parametrize("structure", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("gate_input", ["latent", "input"])
+def test_forward_equals_explicit_gated_sum_of_heads(structure, gate_input):
+    """The single-matmul mixture equals sum_m g_m (W_u^m h_m + b_m) computed head by head, for both structures and
+    both gate inputs, with heads that differ (random init)."""
     torch.manual_seed(0)
-    layer = InherLinear(20, 16, 6, num_heads=3)  # random init: heads differ
+    layer = InherLinear(20, 16, 6, num_heads=3, structure=structure, gate_input=gate_input)
     x = torch.randn(4, 9, 20)
     torch.testing.assert_close(layer(x).double(), explicit_gated_sum(layer, x), rtol=1e-5, atol=1e-6)
 
@@ -67,23 +70,19 @@ def test_autocast_bfloat16_with_bias(heads, gate):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
 
 
+@pytest.mark.parametrize("structure, gate_input", [("asymmetric", "latent"), ("symmetric", "latent"),
+                                                   ("asymmetric", "input")])
 @pytest.mark.parametrize("heads", [1, 3])
-def test_gradients_equal_explicit_gated_sum_of_heads(heads):
+def test_gradients_equal_explicit_gated_sum_of_heads(heads, structure, gate_input):
     """Backward through the fused forward (bias added in place into the up-projection's output) gives the gradients of
-    the explicit sum_m g_m (W_u^m h + b_m), for every parameter and the input."""
+    the head-by-head sum_m g_m (W_u^m h_m + b_m), for every parameter and the input."""
     torch.manual_seed(0)
-    layer = InherLinear(20, 16, 6, num_heads=heads)
+    layer = InherLinear(20, 16, 6, num_heads=heads, structure=structure, gate_input=gate_input)
     x = torch.randn(4, 9, 20, requires_grad=True)
     weight = torch.randn(4, 9, 16)
 
-    def explicit():
-        h = layer.inher_down(x)
-        g = torch.softmax(layer.inher_gate(h), dim=-1) if heads > 1 else torch.ones(4, 9, 1)
-        return sum(g[..., m : m + 1] * (h @ w.T + layer.inher_bias[m])
-                   for m, w in enumerate(layer.inher_up.weight.split(6, dim=1)))
-
     grads = []
-    for forward in (layer, lambda x: explicit()):
+    for forward in (layer, lambda x: gated_sum(layer, x, dict(layer.named_parameters()))):
         layer.zero_grad()
         x.grad = None
         (forward(x) * weight).sum().backward()

@@ -51,6 +51,26 @@ def test_folder_layout_and_both_load_paths(saved):
     assert str(InherModel.from_pretrained(folder).report()) == str(tiny_inherited().report())
 
 
+@pytest.mark.parametrize("options", [{"structure": "symmetric"}, {"gate_input": "input", "num_heads": 3},
+                                     {"structure": "symmetric", "gate_input": "input", "gate": "none"}])
+def test_every_layer_variant_round_trips(options, tmp_path):
+    """Symmetric heads, a gate reading x, no gate: after the heads diverge, both load paths give identical logits."""
+    model = tiny_inherited(**options).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+        logits = model(input_ids=IDS).logits
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    for loaded in (InherModel.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)):
+        layer = loaded.get_submodule("model.layers.0.mlp.down_proj")
+        assert (layer.structure, layer.gate_input, layer.gate) == (options.get("structure", "asymmetric"),
+                                                                  options.get("gate_input", "latent"),
+                                                                  options.get("gate", "softmax"))
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(input_ids=IDS).logits, logits)
+
+
 def test_checkpoint_loads_into_base_model_and_under_a_head(tmp_path):
     """As with dense checkpoints: a causal LM's inherited checkpoint loads with AutoModel (the "model." prefix is
     dropped, the inherited lm_head left out) and under another head, and the base model, saved, loads under the LM
