@@ -3,7 +3,8 @@ back on top of the reloaded inherited model.
 
     python examples/lora_on_inherited.py --inherited_dir out/minilm-inher --output_dir out/minilm-inher-lora
 
-`--inherited_dir` is a folder written by examples/compress_and_reload.py (or any InherModel.save_pretrained).
+`--inherited_dir` is a folder written by examples/compress_and_reload.py, or any InherModel.save_pretrained of a
+model with a loss: a sequence classifier (task_type SEQ_CLS) or a causal LM (CAUSAL_LM).
 """
 
 import argparse
@@ -27,6 +28,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.inherited_dir)
     model = InherModel.from_pretrained(args.inherited_dir)
     is_classifier = model.inher_config.task_type == "SEQ_CLS"
+    if model.inher_config.task_type not in ("SEQ_CLS", "CAUSAL_LM"):
+        parser.error(f"{args.inherited_dir} was inherited with task_type={model.inher_config.task_type!r}; this "
+                     f"example trains a sequence classifier (SEQ_CLS) or a causal LM (CAUSAL_LM), whose outputs have "
+                     f"a loss.")
     lora = LoraConfig(r=args.lora_r, target_modules=["inher_down", "inher_up"],
                       modules_to_save=["classifier"] if is_classifier else None,
                       task_type=model.inher_config.task_type)
@@ -35,7 +40,9 @@ def main() -> None:
 
     texts = ["a gripping, beautifully acted film", "a dull and lifeless script"]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
-    labels = torch.tensor([1, 0]) if is_classifier else batch["input_ids"]
+    # causal LM: predict the text itself, padding positions ignored (-100)
+    labels = (torch.tensor([1, 0]) if is_classifier
+              else batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     for step in range(args.steps):
