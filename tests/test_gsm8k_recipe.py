@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recipes import DATA_DIR, RECIPES, launch, load_recipe, results
-from reference import SMOLLM2_GGUF, smollm2_dir, tiny_llama
+from reference import SMOLLM2_GGUF, safetensors_equal, smollm2_dir, tiny_llama
 
 GSM8K = DATA_DIR / "gsm8k"
 needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(),
@@ -209,18 +209,19 @@ def test_missing_files_and_bad_jsonl(recipe, tmp_path, capsys):
 
 @pytest.mark.slow
 @needs_gsm8k
-def test_inherit_distil_generate_save_reload_end_to_end(recipe, tmp_path):
+def test_inherit_distil_generate_save_reload_resume_end_to_end(recipe, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import inhernet_hf  # noqa: F401  (AutoModelForCausalLM loads inherited checkpoints)
 
     out = tmp_path / "inher"
-    launch("gsm8k", ["--model_name_or_path", smollm2_dir(), "--gguf_file", SMOLLM2_GGUF, "--data_dir", GSM8K,
-                     "--max_train_samples", "8", "--per_device_train_batch_size", "4",
-                     "--per_device_eval_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "1",
-                     "--learning_rate", "1e-5", "--max_eval_samples", "6", "--max_new_tokens", "24",
-                     "--generation_batch_size", "4", "--inher_target_ratio", "0.8", "--inher_num_heads", "2",
-                     "--inher_init", "svd", "--kd_alpha", "0.5"], out, timeout=600)
+    args = ["--model_name_or_path", smollm2_dir(), "--gguf_file", SMOLLM2_GGUF, "--data_dir", GSM8K,
+            "--max_train_samples", "8", "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "1",
+            "--learning_rate", "1e-5", "--max_eval_samples", "6", "--max_new_tokens", "24",
+            "--generation_batch_size", "4", "--inher_target_ratio", "0.8", "--inher_num_heads", "2",
+            "--inher_init", "svd", "--kd_alpha", "0.5"]
+    launch("gsm8k", args, out, timeout=600)
     r = results(out)
     assert r["inherited"] and r["kd"] and r["train_steps"] == 2 and r["train_samples"] == 8
     assert r["eval_nll_samples"] == 6 and r["eval_generation_samples"] == 6
@@ -243,6 +244,13 @@ def test_inherit_distil_generate_save_reload_end_to_end(recipe, tmp_path):
                                     [json.loads(line)["answer"] for line in
                                      (GSM8K / "test.jsonl").read_text().splitlines()[:6]], 4, 24)
     assert again == records
+
+    # Resumed from the step-1 checkpoint (model, optimizer, scheduler, RNG, data position): the same final model.
+    resumed = tmp_path / "resumed"
+    launch("gsm8k", [*args, "--resume_from_checkpoint", str(out / "step_1")], resumed, timeout=600)
+    assert results(resumed)["resumed_from"].endswith("step_1")
+    assert results(resumed)["eval_answer_nll"] == r["eval_answer_nll"]
+    assert safetensors_equal(resumed / "model.safetensors", out / "model.safetensors")
 
 
 # The recipe as gsm8k_table.py launches it, replaced by a script that records its arguments and writes the results
