@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -544,6 +545,14 @@ def _test_kill(point: str, step: int) -> None:
         os._exit(86)
 
 
+def model_shapes(model: nn.Module) -> dict[str, Any]:
+    """{"digest": a hash of every parameter's name and shape, "params": their count}: what a checkpoint's model must
+    match to be resumed into this run's."""
+    named = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    digest = hashlib.sha256("\n".join(f"{name}:{shape}" for name, shape in named).encode()).hexdigest()[:16]
+    return {"digest": digest, "params": sum(math.prod(shape) for _, shape in named)}
+
+
 def read_checkpoint_state(path: Union[str, Path]) -> dict[str, Any]:
     with open(Path(path) / CHECKPOINT_STATE_FILE) as f:
         return json.load(f)
@@ -732,6 +741,7 @@ def train(
     output_dir = Path(output_dir)
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
     resumed_from = last_checkpoint = None
+    shapes = model_shapes(accelerator.unwrap_model(model))
     if resume_from_checkpoint:
         path = Path(resume_from_checkpoint)
         state = read_checkpoint_state(path)
@@ -742,6 +752,11 @@ def train(
             details = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items())
             raise CheckpointError(f"Cannot resume exactly from {path}: the run is set up differently ({details}). "
                                   f"Resume with the same data, batch size, accumulation and number of processes.")
+        if state.get("model_shapes") not in (None, shapes["digest"]):
+            raise CheckpointError(f"Cannot resume from {path}: it holds a model of {state['model_params']:,} parameters "
+                                  f"in other shapes; this run builds {shapes['params']:,} (other --inher_* or "
+                                  f"--student_* flags, or another model?). Resume with the flags of the run that "
+                                  f"wrote it.")
         if seed is not None and state.get("seed") not in (None, seed):
             raise CheckpointError(f"Cannot resume exactly from {path}: it was written with --seed {state['seed']}, "
                                   f"this run has --seed {seed} (the data order depends on it).")
@@ -760,7 +775,8 @@ def train(
         return {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_done,
                 "train_batches_per_epoch": plan.train_batches_per_epoch, "num_processes": plan.num_processes,
                 "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-                "max_train_steps": plan.max_train_steps, "seed": seed}
+                "max_train_steps": plan.max_train_steps, "seed": seed, "model_shapes": shapes["digest"],
+                "model_params": shapes["params"]}
 
     def run_eval(epoch: int) -> dict[str, float]:
         with preserved_rng():

@@ -155,6 +155,18 @@ def test_killed_during_checkpoint_save_then_resumed_equals_uninterrupted(teacher
     assert not (out / f"{TMP_PREFIX}step_8").exists()
 
 
+@needs_glue
+def test_resuming_into_a_model_of_other_shapes_is_refused(teacher, student, tmp_path, capsys):
+    """A checkpoint records its model's parameter shapes: resuming it with other --inher_* flags is a clear error
+    before any step, not a size mismatch inside load_state."""
+    reference, _ = student
+    args = [*STUDENT_ARGS, "--model_name_or_path", teacher, "--inher_num_heads", "3",
+            "--resume_from_checkpoint", reference / "step_4"]
+    message = _fail(args, tmp_path, capsys)
+    assert f"Cannot resume from {reference / 'step_4'}: it holds a model of" in message
+    assert "other --inher_* or --student_* flags" in message
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # (b2) the students-vs-InherNet comparison (recipes/compare.py) on the same teacher
 # ------------------------------------------------------------------------------------------------------------------
