@@ -230,9 +230,11 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
     if run_kind == "teacher":
         unused = changed_flags(args, parser, KD_FLAGS)
         reason = "--no_inher trains the teacher without distillation"
-    elif getattr(args, "distill_method", "kd") == "kd" and args.kd_alpha == 0 and args.kd_hidden_weight == 0:
-        unused = changed_flags(args, parser, ("kd_temperature", "teacher_name_or_path"))
-        reason = "nothing is distilled with --kd_alpha 0 (and no --kd_hidden_weight)"
+    elif getattr(args, "distill_method", "kd") == "kd" and args.kd_alpha == 0:
+        unused = changed_flags(args, parser, ("kd_temperature",) if args.kd_hidden_weight > 0
+                               else ("kd_temperature", "teacher_name_or_path"))
+        reason = ("--kd_alpha 0 turns the logit term off" if args.kd_hidden_weight > 0
+                  else "nothing is distilled with --kd_alpha 0 (and no --kd_hidden_weight)")
     else:
         unused = []
     if unused:
@@ -746,12 +748,14 @@ def train(
         path = Path(resume_from_checkpoint)
         state = read_checkpoint_state(path)
         expected = {"train_batches_per_epoch": plan.train_batches_per_epoch, "num_processes": plan.num_processes,
-                    "gradient_accumulation_steps": plan.gradient_accumulation_steps}
+                    "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+                    "max_train_steps": plan.max_train_steps}  # the lr schedule's horizon
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items())
             raise CheckpointError(f"Cannot resume exactly from {path}: the run is set up differently ({details}). "
-                                  f"Resume with the same data, batch size, accumulation and number of processes.")
+                                  f"Resume with the same data, batch size, accumulation, number of processes and "
+                                  f"length (--max_train_steps / --num_train_epochs).")
         if state.get("model_shapes") not in (None, shapes["digest"]):
             raise CheckpointError(f"Cannot resume from {path}: it holds a model of {state['model_params']:,} parameters "
                                   f"in other shapes; this run builds {shapes['params']:,} (other --inher_* or "

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from glue import GLUE_TASKS, load_glue  # recipes/ is on sys.path when this file runs as a script
-from glue_table import MAIN_METRIC, RECIPE, add_launch_args, check_table_args, run
+from glue_table import MAIN_METRIC, RECIPE, add_launch_args, check_table_args, kd_temperature_flag, run
 
 STUDENT_METHODS = {"student": ["--kd_alpha", "0"], "student_kd": [], "student_hkt": ["--distill_method", "hkt"],
                    "student_hcd": ["--distill_method", "hcd"]}
@@ -157,7 +157,7 @@ def main() -> None:
               "--per_device_eval_batch_size", "64", "--num_train_epochs", str(args.num_train_epochs),
               "--learning_rate", str(args.learning_rate), "--num_warmup_steps", str(max(1, total_steps // 20)),
               "--eval_steps", str(quarter), "--model_name_or_path", args.teacher_name_or_path]
-    kd = ["--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)]  # the Hinton KD methods
+    kd = ["--kd_alpha", str(args.kd_alpha)] + kd_temperature_flag(task.name, args.kd_temperature)  # Hinton KD methods
     for flag in ("data_dir", "max_train_samples", "max_eval_samples"):
         if getattr(args, flag) is not None:
             common += [f"--{flag}", str(getattr(args, flag))]

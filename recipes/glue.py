@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 import time
@@ -107,10 +108,13 @@ def _parse_label(task: GlueTask, value: str, where: str):
     value = value.strip()
     if task.is_regression:
         try:
-            return float(value)
+            score = float(value)
         except ValueError:
-            raise GlueRecipeError(f"{where}: score {value!r} is not a number (task {task.name} is a "
-                                  f"regression).") from None
+            score = float("nan")
+        if not math.isfinite(score):
+            raise GlueRecipeError(f"{where}: score {value!r} is not a finite number (task {task.name} is a "
+                                  f"regression).")
+        return score
     if value in task.label_names:
         return task.label_names.index(value)
     if value.isdigit() and int(value) < len(task.label_names):
@@ -260,6 +264,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             raise ValueError(f"--distill_method {args.distill_method} needs a student or an inherited model (it "
                              f"distils from the teacher); --no_inher trains the teacher.")
         check_common_args(args, parser, "student" if is_student else "teacher" if args.no_inher else "inherited")
+        if GLUE_TASKS[args.task_name].is_regression and changed_flags(args, parser, ("kd_temperature",)):
+            raise ValueError(f"{args.task_name} is a regression: its KD term is the MSE to the teacher's outputs, "
+                             f"without a temperature; remove --kd_temperature.")
         unused = changed_flags(args, parser, ("kd_alpha", "kd_temperature")) if args.distill_method != "kd" else []
         if unused:
             raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights, not Hinton "
@@ -289,13 +296,21 @@ def _is_default_labels(id2label: dict) -> bool:
     return all(str(v) == f"LABEL_{k}" for k, v in id2label.items())
 
 
-def load_teacher(path: str, task: GlueTask) -> torch.nn.Module:
+def load_teacher(path: str, task: GlueTask, tokenizer) -> torch.nn.Module:
     """The frozen KD teacher, checked to be a fine-tuned classifier for this task (same number of labels, same label
-    names when it records any, no newly initialised weights)."""
+    names when it records any, no newly initialised weights) that reads the student's token ids (same vocabulary
+    as `tokenizer`, when the teacher's folder has a tokenizer)."""
     try:
         teacher, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise GlueRecipeError(f"cannot load the KD teacher {path!r}: {err}") from err
+    try:
+        teacher_vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError):  # a weights-only folder: the vocabulary cannot be compared
+        teacher_vocab = None
+    if teacher_vocab is not None and teacher_vocab != tokenizer.get_vocab():
+        raise GlueRecipeError(f"the KD teacher {path!r} has a different vocabulary from the student's tokenizer; KD "
+                              f"feeds the teacher the student's token ids, so both need the same tokenizer.")
     if teacher.config.num_labels != task.num_labels:
         raise GlueRecipeError(f"the KD teacher {path!r} has num_labels={teacher.config.num_labels}, but task "
                               f"{task.name} "
@@ -352,7 +367,7 @@ def run(args: argparse.Namespace) -> dict:
                                                                ignore_mismatched_sizes=args.ignore_mismatched_sizes)
     teacher = None
     if use_kd:
-        teacher = load_teacher(args.teacher_name_or_path or args.model_name_or_path, task)
+        teacher = load_teacher(args.teacher_name_or_path or args.model_name_or_path, task, tokenizer)
         teacher.to(accelerator.device)
 
     # Tokenise (only the examples used).

@@ -60,6 +60,13 @@ def check_table_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--kd_temperature must be > 0, got {args.kd_temperature}.")
 
 
+def kd_temperature_flag(task: str, temperature: float) -> list[str]:
+    """--kd_temperature for a classification task's KD run; none for a regression (its KD term is an MSE)."""
+    from glue import GLUE_TASKS  # recipes/ is on sys.path when this file runs as a script
+
+    return [] if GLUE_TASKS[task].is_regression else ["--kd_temperature", str(temperature)]
+
+
 def comparable(launcher: list[str], flags: list[str]) -> list[str]:
     """What decides a run's results, for comparing runs: the launcher's options (not the program, the recipe path or
     the CPU thread count) and the recipe flags, with existing paths resolved and --output_dir (the folder itself)
@@ -147,7 +154,7 @@ def main() -> None:
                    "--inher_num_heads", str(args.num_heads)] + init_flags(args) + [
                    "--learning_rate", str(args.student_learning_rate)]
         runs["InherNet"] = (root / task / "inher", student + ["--kd_alpha", "0"])
-        kd = ["--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)]
+        kd = ["--kd_alpha", str(args.kd_alpha)] + kd_temperature_flag(task, args.kd_temperature)
         runs["InherNet + KD"] = (root / task / "inher_kd", student + kd)
         if args.kd_hidden_weight:
             runs["InherNet + KD + hidden"] = (root / task / "inher_kd_hidden",

@@ -50,8 +50,10 @@ HUB_DATASET, HUB_CONFIG = "openai/gsm8k", "main"
 IGNORE_INDEX = -100
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<16-3-4=9>>" calculator traces
-# A number: thousands groups with commas (1,234,567.5), or plain digits with an optional decimal part.
-NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# A number: thousands groups with commas (1,234,567.5), or plain digits with an optional decimal part. A minus sign
+# counts only where it cannot be a hyphen or a range dash ("3-4 hours" is 3 and 4); a number starts at no digit,
+# word character, point or comma ("1,2345" is not 1,234 + 5; ".5" is not 5).
+NUMBER = re.compile(r"(?:(?<![\w.-])-)?(?<![\w.,])(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -276,9 +278,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         for flag in ("max_length", "max_new_tokens", "generation_batch_size"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-        for flag in ("max_train_samples", "max_eval_samples", "max_generation_samples"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 0:
-                raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}.")
+        for flag in ("max_train_samples", "max_eval_samples"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+        if args.max_generation_samples is not None and args.max_generation_samples < 0:
+            raise ValueError(f"--max_generation_samples must be >= 0 (0: no exact match), got "
+                             f"{args.max_generation_samples}.")
     except ValueError as err:
         parser.error(str(err))
     if args.push_to_hub and args.hub_model_id is None:
@@ -374,6 +379,15 @@ def run(args: argparse.Namespace) -> dict:
     if truncated:
         accelerator.print(f"warning: {truncated} training example(s) reach --max_length {args.max_length} and are "
                           f"truncated (their answers lose their end).")
+    for split in ("train", "test"):  # a prompt that fills --max_length leaves no answer token to learn or score
+        before = len(processed[split])
+        processed[split] = processed[split].filter(lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]))
+        if len(processed[split]) < before:
+            accelerator.print(f"warning: {before - len(processed[split])} {split} example(s) keep no answer token "
+                              f"within --max_length {args.max_length} (the prompt fills it) and are left out.")
+        if not len(processed[split]):
+            raise Gsm8kRecipeError(f"no {split} example keeps an answer token within --max_length {args.max_length}; "
+                                   f"raise --max_length.")
     multiple = 8 if accelerator.mixed_precision != "no" else None
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=multiple)
     train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collator,

@@ -156,15 +156,20 @@ def test_killed_during_checkpoint_save_then_resumed_equals_uninterrupted(teacher
 
 
 @needs_glue
-def test_resuming_into_a_model_of_other_shapes_is_refused(teacher, student, tmp_path, capsys):
-    """A checkpoint records its model's parameter shapes: resuming it with other --inher_* flags is a clear error
-    before any step, not a size mismatch inside load_state."""
+def test_resuming_into_another_model_or_schedule_is_refused(teacher, student, tmp_path, capsys):
+    """A checkpoint records its model's parameter shapes and its run's length: resuming it with other --inher_* flags
+    or another --max_train_steps is a clear error before any step (not a size mismatch inside load_state, not a
+    silently different schedule)."""
     reference, _ = student
     args = [*STUDENT_ARGS, "--model_name_or_path", teacher, "--inher_num_heads", "3",
             "--resume_from_checkpoint", reference / "step_4"]
     message = _fail(args, tmp_path, capsys)
     assert f"Cannot resume from {reference / 'step_4'}: it holds a model of" in message
     assert "other --inher_* or --student_* flags" in message
+    # Another length: the lr schedule's horizon would change, so the result could not equal an uninterrupted run.
+    message = _fail([*STUDENT_ARGS, "--model_name_or_path", teacher, "--max_train_steps", "12",
+                     "--resume_from_checkpoint", reference / "step_4"], tmp_path, capsys)
+    assert "set up differently (max_train_steps: checkpoint 10 vs now 12)" in message
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -559,6 +564,26 @@ def test_teacher_with_other_num_labels(tmp_path, capsys):
 
 
 @needs_glue
+def test_teacher_with_another_vocabulary(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    other = tmp_path / "other_vocab_teacher"
+    AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).save_pretrained(other)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.add_tokens(["inhernetzzz"])
+    tokenizer.save_pretrained(other)
+    message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--teacher_name_or_path", other], tmp_path, capsys)
+    assert "has a different vocabulary from the student's tokenizer" in message
+
+
+def test_non_finite_regression_score_is_refused():
+    recipe = load_recipe()
+    for value in ("nan", "inf", "x"):
+        with pytest.raises(recipe.GlueRecipeError, match=f"f.tsv:2: score '{value}' is not a finite number"):
+            recipe._parse_label(recipe.GLUE_TASKS["stsb"], value, "f.tsv:2")
+
+
+@needs_glue
 def test_teacher_that_is_not_fine_tuned(tmp_path, capsys):
     # Default teacher = --model_name_or_path, here the raw pretrained MiniLM: its classifier would be random.
     message = _fail([*SST2, "--model_name_or_path", minilm_path()], tmp_path, capsys)
@@ -576,6 +601,10 @@ def test_teacher_that_is_not_fine_tuned(tmp_path, capsys):
      "nothing is distilled with --kd_alpha 0 (and no --kd_hidden_weight): remove --teacher_name_or_path"),
     (["--student_num_layers", "3", "--distill_method", "hkt", "--kd_alpha", "0.9"],
      "HKT uses its own --hkt_* weights, not Hinton KD's: remove --kd_alpha"),
+    (["--task_name", "stsb", "--kd_temperature", "3"],
+     "stsb is a regression: its KD term is the MSE to the teacher's outputs, without a temperature"),
+    (["--kd_alpha", "0", "--kd_hidden_weight", "1", "--kd_temperature", "3"],
+     "--kd_alpha 0 turns the logit term off: remove --kd_temperature"),
     (["--max_train_samples", "-5"], "--max_train_samples must be >= 1, got -5"),
     (["--max_length", "0"], "--max_length must be >= 1, got 0"),
     (["--lr_scheduler_type", "reduce_lr_on_plateau"], "invalid choice: 'reduce_lr_on_plateau'"),

@@ -78,6 +78,10 @@ def test_extractor_on_real_answer_strings(recipe):
     ("It takes 2/2=1 bolt of white fiber, so 2+1=3 in total. The answer is 3.", "3"),
     ("Total: 1,000,000 grains", "1000000"),
     ("The list 1,2,3 has 3 items", "3"),
+    ("It takes between 3-4 hours", "4"),                      # a range dash is not a minus sign
+    ("from 5-10 dollars", "10"),
+    ("so x=-2", "-2"),
+    ("about .5 of it", None),                                 # no digit before the point: not 5
 ])
 def test_extractor_on_messy_generations(recipe, text, expected):
     assert recipe.extract_answer(text) == expected
@@ -198,8 +202,32 @@ def test_missing_files_and_bad_jsonl(recipe, tmp_path, capsys):
         recipe.parse_args([*base, "--max_new_tokens", "0"])
     assert "--max_new_tokens must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        recipe.parse_args([*base, "--max_eval_samples", "0"])
+    assert "--max_eval_samples must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         recipe.parse_args([*base, "--no_inher", "--kd_hidden_weight", "1"])
     assert "--no_inher trains the teacher without distillation: remove --kd_hidden_weight" in capsys.readouterr().err
+
+
+def test_examples_whose_prompt_fills_max_length_are_left_out(recipe, smollm2_tokenizer, tmp_path, capsys):
+    """A prompt as long as --max_length leaves no answer token (all labels -100: a NaN loss); such examples are left
+    out with a warning, and a split left empty is an error."""
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(smollm2_tokenizer)).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    long = " ".join(["How many apples are left after all of these trades?"] * 12)
+    rows = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}, {"question": long, "answer": "#### 1"}]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    base = ["--model_name_or_path", str(model_dir), "--data_dir", str(data), "--max_train_steps", "1",
+            "--inher_r", "4", "--kd_alpha", "0", "--max_generation_samples", "0", "--per_device_train_batch_size", "2"]
+    r = recipe.main([*base, "--max_length", "40", "--output_dir", str(tmp_path / "out")])
+    assert "1 train example(s) keep no answer token within --max_length 40" in capsys.readouterr().out
+    assert r["train_samples"] == 1 and r["train_steps"] == 1 and r["eval_nll_samples"] == 1
+    with pytest.raises(SystemExit, match="no train example keeps an answer token within --max_length 8"):
+        recipe.main([*base, "--max_length", "8", "--output_dir", str(tmp_path / "out8")])
 
 
 # ------------------------------------------------------------------------------------------------------------------
