@@ -36,6 +36,7 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                           default_data_collator)
+from transformers.utils import cached_file
 
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited teachers load)
 from inhernet_hf.distill import HCDBranches, HCDLoss, HKTLoss, stage_ends
@@ -304,13 +305,6 @@ def load_teacher(path: str, task: GlueTask, tokenizer) -> torch.nn.Module:
         teacher, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise GlueRecipeError(f"cannot load the KD teacher {path!r}: {err}") from err
-    try:
-        teacher_vocab = AutoTokenizer.from_pretrained(path).get_vocab()
-    except (OSError, ValueError):  # a weights-only folder: the vocabulary cannot be compared
-        teacher_vocab = None
-    if teacher_vocab is not None and teacher_vocab != tokenizer.get_vocab():
-        raise GlueRecipeError(f"the KD teacher {path!r} has a different vocabulary from the student's tokenizer; KD "
-                              f"feeds the teacher the student's token ids, so both need the same tokenizer.")
     if teacher.config.num_labels != task.num_labels:
         raise GlueRecipeError(f"the KD teacher {path!r} has num_labels={teacher.config.num_labels}, but task "
                               f"{task.name} "
@@ -326,6 +320,11 @@ def load_teacher(path: str, task: GlueTask, tokenizer) -> torch.nn.Module:
                               f"{sorted(info['missing_keys'])[:4]} are newly initialised. Fine-tune a teacher first "
                               f"(--no_inher; its output_dir is the teacher) and pass it as --teacher_name_or_path, or "
                               f"disable distillation with --kd_alpha 0.")
+    # Without tokenizer files (a weights-only folder) transformers would build an empty tokenizer: nothing to compare.
+    if (cached_file(path, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False) is not None
+            and AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab()):
+        raise GlueRecipeError(f"the KD teacher {path!r} has a different vocabulary from the student's tokenizer; KD "
+                              f"feeds the teacher the student's token ids, so both need the same tokenizer.")
     return teacher.eval().requires_grad_(False)
 
 
