@@ -268,17 +268,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if GLUE_TASKS[args.task_name].is_regression and changed_flags(args, parser, ("kd_temperature",)):
             raise ValueError(f"{args.task_name} is a regression: its KD term is the MSE to the teacher's outputs, "
                              f"without a temperature; remove --kd_temperature.")
-        unused = changed_flags(args, parser, ("kd_alpha", "kd_temperature")) if args.distill_method != "kd" else []
+        unused = (changed_flags(args, parser, ("kd_alpha", "kd_temperature", "kd_hidden_weight"))
+                  if args.distill_method != "kd" else [])
         if unused:
-            raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights, not Hinton "
-                             f"KD's: remove {', '.join(unused)}.")
+            raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights, not "
+                             f"Hinton KD's: remove {', '.join(unused)}.")
         for flag in ("max_length", "max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-        if args.kd_hidden_weight > 0 and (args.distill_method != "kd" or (args.no_inher and not is_student)):
-            raise ValueError("--kd_hidden_weight adds a term to Hinton KD (--distill_method kd) of an inherited model "
-                             "(or of a student with the teacher's depth and width); it does not apply to HKT, HCD or "
-                             "the teacher run (--no_inher).")
         if args.distill_method == "hcd" and args.hcd_k < 1:
             raise ValueError(f"--hcd_k must be >= 1, got {args.hcd_k}.")
     except ValueError as err:

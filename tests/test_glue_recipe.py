@@ -601,6 +601,8 @@ def test_teacher_that_is_not_fine_tuned(tmp_path, capsys):
      "nothing is distilled with --kd_alpha 0 (and no --kd_hidden_weight): remove --teacher_name_or_path"),
     (["--student_num_layers", "3", "--distill_method", "hkt", "--kd_alpha", "0.9"],
      "HKT uses its own --hkt_* weights, not Hinton KD's: remove --kd_alpha"),
+    (["--student_num_layers", "3", "--distill_method", "hcd", "--kd_hidden_weight", "1"],
+     "HCD uses its own --hcd_* weights, not Hinton KD's: remove --kd_hidden_weight"),
     (["--task_name", "stsb", "--kd_temperature", "3"],
      "stsb is a regression: its KD term is the MSE to the teacher's outputs, without a temperature"),
     (["--kd_alpha", "0", "--kd_hidden_weight", "1", "--kd_temperature", "3"],
