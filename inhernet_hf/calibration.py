@@ -28,8 +28,7 @@ def prepare_calibration(calibration_data: Any, tokenizer=None, max_length: int =
 
     Accepts an iterable of dict batches (e.g. a DataLoader of tokenized inputs), or a `datasets.Dataset`
     with an `input_ids` column (rows of different lengths are padded by `tokenizer`) or, given a `tokenizer`, a
-    `text` column. Raises on empty data, non-dict
-    batches, batches without tensors, and NaN/Inf in floating inputs.
+    `text` column. Raises on empty data, non-dict batches, batches without tensors, and NaN/Inf in floating inputs.
     """
     if calibration_data is None:
         raise ValueError("This InherConfig needs calibration data (init='whitened' or rank_allocation='activation'): "
@@ -264,7 +263,8 @@ def _encoder_decoder_padding_rule(model: nn.Module) -> tuple[Optional[Callable[[
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
         return None, []
     encoder_output = {}
-    handle = model.get_encoder().register_forward_hook(lambda _m, _a, out: encoder_output.update(ptr=out[0].data_ptr()))
+    handle = model.get_encoder().register_forward_hook(
+        lambda _m, _a, out: encoder_output.update(ptr=out[0].data_ptr()))
 
     def keeps_padding(name: str, x: torch.Tensor) -> bool:
         return "decoder" in name.split(".") and x.data_ptr() != encoder_output.get("ptr")
@@ -320,8 +320,8 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     Fisher scalar f_l with which an output error delta costs about f_l ||delta||^2 of loss.
 
     The loss is the model's own negative log-likelihood of targets sampled from its predictions (the true Fisher,
-    no labels needed; `_sampled_label_loss`). Each example runs alone without its padding, so padding enters neither the loss nor the
-    average. Parameters are frozen for the pass, so no weight gradient is allocated.
+    no labels needed; `_sampled_label_loss`). Each example runs alone without its padding, so padding enters neither
+    the loss nor the average. Parameters are frozen for the pass, so no weight gradient is allocated.
     """
     sums = {t: 0.0 for t in targets}
     counts = {t: 0 for t in targets}

@@ -744,22 +744,22 @@ def train(
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
     resumed_from = last_checkpoint = None
     shapes = model_shapes(accelerator.unwrap_model(model))
+    # what a checkpoint must share with this run to resume it exactly (max_train_steps: the lr schedule's horizon)
+    setup = {"train_batches_per_epoch": plan.train_batches_per_epoch, "num_processes": plan.num_processes,
+             "gradient_accumulation_steps": plan.gradient_accumulation_steps, "max_train_steps": plan.max_train_steps}
     if resume_from_checkpoint:
         path = Path(resume_from_checkpoint)
         state = read_checkpoint_state(path)
-        expected = {"train_batches_per_epoch": plan.train_batches_per_epoch, "num_processes": plan.num_processes,
-                    "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-                    "max_train_steps": plan.max_train_steps}  # the lr schedule's horizon
-        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        changed = {k: (state.get(k), v) for k, v in setup.items() if state.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items())
             raise CheckpointError(f"Cannot resume exactly from {path}: the run is set up differently ({details}). "
                                   f"Resume with the same data, batch size, accumulation, number of processes and "
                                   f"length (--max_train_steps / --num_train_epochs).")
         if state.get("model_shapes") not in (None, shapes["digest"]):
-            raise CheckpointError(f"Cannot resume from {path}: it holds a model of {state['model_params']:,} parameters "
-                                  f"in other shapes; this run builds {shapes['params']:,} (other --inher_* or "
-                                  f"--student_* flags, or another model?). Resume with the flags of the run that "
+            raise CheckpointError(f"Cannot resume from {path}: it holds a model of {state['model_params']:,} "
+                                  f"parameters in other shapes; this run builds {shapes['params']:,} (other --inher_* "
+                                  f"or --student_* flags, or another model?). Resume with the flags of the run that "
                                   f"wrote it.")
         if seed is not None and state.get("seed") not in (None, seed):
             raise CheckpointError(f"Cannot resume exactly from {path}: it was written with --seed {state['seed']}, "
@@ -776,11 +776,8 @@ def train(
     def position_state(epoch: int, batches_done: int) -> dict[str, Any]:
         if batches_done >= plan.train_batches_per_epoch:
             epoch, batches_done = epoch + 1, 0
-        return {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_done,
-                "train_batches_per_epoch": plan.train_batches_per_epoch, "num_processes": plan.num_processes,
-                "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-                "max_train_steps": plan.max_train_steps, "seed": seed, "model_shapes": shapes["digest"],
-                "model_params": shapes["params"]}
+        return {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_done, **setup,
+                "seed": seed, "model_shapes": shapes["digest"], "model_params": shapes["params"]}
 
     def run_eval(epoch: int) -> dict[str, float]:
         with preserved_rng():

@@ -31,8 +31,9 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
                         f"--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process "
                         f"{os.cpu_count()}",  # accelerate's default is 1 thread per process
                         help="Command prefix that launches the recipe (accelerate launch ...).")
-    parser.add_argument("--overwrite", action="store_true", help="Redo runs whose all_results.json exists (by default a finished run "
-                        "with the same flags is reused, one with other flags is an error).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Redo runs whose all_results.json exists (by default a finished run made by the same "
+                             "command is reused, one made by another is an error).")
 
 
 def add_init_args(parser: argparse.ArgumentParser, default_init: str) -> None:
