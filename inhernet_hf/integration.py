@@ -92,8 +92,25 @@ class InherHfQuantizer(HfQuantizer):
         return True
 
 
-def _normalise(name: str, prefix: str) -> str:
-    return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the model parameter it loads into, renamed as transformers renames it on load
+    (the legacy layouts that LLaVA, Qwen2-VL or ViT checkpoints are saved in; a base-model prefix added or
+    stripped when a checkpoint of another head is loaded)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+    meta = model.state_dict()  # the skeleton's parameters are on the meta device: no data
+    names = {}
+    for key in keys:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, meta)
+        if renamed not in meta and key in meta:  # transformers' own fallback: the key needed no renaming
+            renamed, _ = rename_source_key(key, [], [], prefix, meta)
+        names[key] = renamed
+    return names
 
 
 def check_checkpoint(model: nn.Module, checkpoint_files: list[str]) -> None:
@@ -107,34 +124,33 @@ def check_checkpoint(model: nn.Module, checkpoint_files: list[str]) -> None:
             f"Refusing to unpickle {[Path(f).name for f in pickles]}: inhernet_hf checkpoints are safetensors. "
             f"To load a pickle you trust, call InherModel.from_pretrained(..., use_safetensors=False)."
         )
-    shapes = {}  # normalised name -> (name in the checkpoint, shape)
-    prefix = getattr(model, "base_model_prefix", "")
+    stored = {}  # name in the checkpoint -> shape
     for file in checkpoint_files:
         if str(file).endswith(".safetensors"):
             with safe_open(str(file), framework="pt") as f:
-                shapes.update({_normalise(k, prefix): (k, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
-    if not shapes:
+                stored.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    if not stored:
         return  # only trusted pickles: transformers reports their keys itself
+    shapes = {target: (key, stored[key]) for key, target in checkpoint_names(model, list(stored)).items()}
     problems = []
     for name, module in model.named_modules():
         if not isinstance(module, InherLinear):
             continue
-        key = _normalise(name, prefix)
         for dense_param in ("weight", "bias"):
-            if f"{key}.{dense_param}" in shapes:
-                stored, shape = shapes[f"{key}.{dense_param}"]
-                problems.append(f"extra tensor {stored} {shape}: a dense parameter where config.json records "
+            if f"{name}.{dense_param}" in shapes:
+                key, shape = shapes[f"{name}.{dense_param}"]
+                problems.append(f"extra tensor {key} {shape}: a dense parameter where config.json records "
                                 f"an inherited layer")
-        expected = {f"{key}.{p}": (f"{name}.{p}", tuple(t.shape)) for p, t in module.named_parameters()}
-        for tensor, (full_name, shape) in expected.items():
+        expected = {f"{name}.{p}": tuple(t.shape) for p, t in module.named_parameters()}
+        for tensor, shape in expected.items():
             if tensor not in shapes:
-                problems.append(f"missing tensor {full_name} (expected shape {shape})")
+                problems.append(f"missing tensor {tensor} (expected shape {shape})")
             elif shapes[tensor][1] != shape:
                 problems.append(f"tensor {shapes[tensor][0]} has shape {shapes[tensor][1]} in the checkpoint, "
                                 f"{shape} in the model built from config.json")
-        for tensor, (stored, shape) in shapes.items():
-            if tensor.startswith(key + ".inher_") and tensor not in expected:
-                problems.append(f"extra tensor {stored} {shape} not in the inherited layer {name}")
+        for tensor, (key, shape) in shapes.items():
+            if tensor.startswith(name + ".inher_") and tensor not in expected:
+                problems.append(f"extra tensor {key} {shape} not in the inherited layer {name}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... ({len(problems)} in all)" if len(problems) > 20 else "")
         raise ValueError(f"The checkpoint does not match the inheritance recorded in config.json:\n  {shown}")

@@ -107,6 +107,12 @@ class InherLinear(nn.Module):
         `.weight.dtype` / `.device` (T5's feed-forward does). The layer holds no dense (out, in) weight."""
         return self.inher_up.weight
 
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The head biases (M, out), or None: for modelling code that initialises a projection's `.bias` (SigLIP's
+        `_init_weights` does; transformers skips parameters already loaded)."""
+        return self.inher_bias
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
