@@ -27,6 +27,8 @@ from .targets import dense_weight, find_targets, is_replaceable, matches
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 logger = logging.getLogger(__name__)
+# from_pretrained options that say where config.json comes from, besides revision and token
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "subfolder", "trust_remote_code")
 
 
 def _check_weight(name: str, module: nn.Module) -> None:
@@ -319,13 +321,14 @@ class InherModel(nn.Module):
         eval_results: Optional[dict[str, float]] = None,
         eval_dataset: Optional[str] = None,
         is_main_process: bool = True,
+        model_name: Optional[str] = None,
         **kwargs,
     ) -> None:
         """Write config.json (with the inheritance description), safetensors weights (sharded with an index above
         `max_shard_size`), the generation config, `tokenizer` (a tokenizer or processor) and a model card.
 
-        `eval_results` ({metric: value} on `eval_dataset`) go into the card's metadata. Extra kwargs go to
-        transformers' `save_pretrained`.
+        `eval_results` ({metric: value} on `eval_dataset`) go into the card's metadata; `model_name` is the card's
+        title (default: the folder's name). Extra kwargs go to transformers' `save_pretrained`.
         """
         if not safe_serialization:
             raise ValueError("inhernet_hf saves safetensors only (safe_serialization=False would write a pickle).")
@@ -336,7 +339,7 @@ class InherModel(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         description = self.config.quantization_config
-        card = model_card(Path(save_directory).name, description.base_model_name_or_path, description.inher_config,
+        card = model_card(model_name or Path(save_directory).name, description.base_model_name_or_path, description.inher_config,
                           self._report, eval_results, eval_dataset)
         card.save(Path(save_directory) / "README.md")
 
@@ -351,11 +354,12 @@ class InherModel(nn.Module):
         **save_kwargs,
     ):
         """Save to a temporary folder (as `save_pretrained`, which takes `save_kwargs`) and upload it through
-        `huggingface_hub` (`create_repo` + `upload_folder`). Returns the `CommitInfo`."""
+        `huggingface_hub` (`create_repo` + `upload_folder`); the card is named after the repository. Returns the
+        `CommitInfo`."""
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, **save_kwargs)
+            self.save_pretrained(folder, model_name=repo_id.split("/")[-1], **save_kwargs)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload inherited model (inhernet_hf)")
 
@@ -375,10 +379,13 @@ class InherModel(nn.Module):
         """Load an inherited model from a folder or the Hub (through huggingface_hub: cache, HF_HUB_OFFLINE,
         revisions and tokens apply). The skeleton is built on the meta device from config.json: no dense weight
         is allocated and no SVD recomputed. `model_class` defaults to the checkpoint's recorded architecture.
-        A pickle (`.bin`) is read only with `use_safetensors=False`."""
+        A pickle (`.bin`) is read only with `use_safetensors=False`. The Hub options among `kwargs` (`cache_dir`,
+        `subfolder`, `local_files_only`...) apply to reading config.json as well as the weights."""
         if "torch_dtype" in kwargs:
             dtype = kwargs.pop("torch_dtype")
-        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, revision=revision, token=token)
+        hub_options = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, revision=revision, token=token,
+                                            **hub_options)
         description = getattr(config, "quantization_config", None)
         if not isinstance(description, dict) or description.get("quant_method") != QUANT_METHOD:
             raise ValueError(f"{pretrained_model_name_or_path} is not an inhernet_hf checkpoint (its config.json has "

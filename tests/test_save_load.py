@@ -206,6 +206,21 @@ def test_hub_id_resolves_offline_from_a_standard_cache(saved, tmp_path):
         print("ok", model.config.name_or_path)
         """, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
     assert out.startswith("ok")
+    # the same cache passed as cache_dir (the default cache is empty): config.json is read from it too
+    out = run_python(f"""
+        from inhernet_hf import InherModel
+        model = InherModel.from_pretrained("inher-org/tiny-llama", cache_dir="{tmp_path / 'hub'}")
+        print("ok", type(model.base_model).__name__)
+        """, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert out.startswith("ok LlamaForCausalLM")
+
+
+def test_subfolder_applies_to_config_and_weights(tmp_path):
+    model = tiny_inherited().eval()
+    model.save_pretrained(tmp_path / "repo" / "student")
+    loaded = InherModel.from_pretrained(tmp_path / "repo", subfolder="student")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
 
 
 def test_push_to_hub_sends_every_file_of_the_folder(saved, tmp_path):
@@ -221,6 +236,7 @@ def test_push_to_hub_sends_every_file_of_the_folder(saved, tmp_path):
     local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
     card = ModelCard(hub.card)
     assert card.data.library_name == "transformers" and "inhernet_hf" in card.data.tags
+    assert card.data.model_name == "tiny-inher" and "\n# tiny-inher\n" in card.text  # not the temporary folder's
     assert set(hub.uploaded) == set(local)
     assert hub.uploaded["model.safetensors"] == local["model.safetensors"]
     assert hub.repos == ["me/tiny-inher"]
