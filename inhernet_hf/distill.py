@@ -16,6 +16,10 @@ HCD (Heterogeneous Complementary Distillation, arXiv 2511.10942), per student st
     fused = sub + z_t
     loss = CE(z_s) + mean CE(fused) + lambda T^2 mean KL(softmax(fused / T) || softmax(z_s / T)) + beta L_orth
     L_orth = mean over samples and pairs i != j of ReLU(cos(sub_i, sub_j) - theta)^2, true class masked out.
+
+Under mixed precision the student's forward runs under autocast (Accelerate wraps it), but the loss functions call
+the teacher and the heads or branches themselves: they run them under the `autocast` context they are given (the
+accelerator's `autocast`), as `training.DistillationLoss` runs its teacher.
 """
 
 from __future__ import annotations
@@ -109,20 +113,24 @@ def hkt_loss(child_feature: torch.Tensor, parent_feature: torch.Tensor, child_he
 
 
 class HKTLoss:
-    """`train` loss function for HKT with a frozen `teacher` (parent); only the student (child) is trained."""
+    """`train` loss function for HKT with a frozen `teacher` (parent); only the student (child) is trained. The
+    teacher and both heads run under `autocast` (default: none)."""
 
-    def __init__(self, teacher: nn.Module, lam: float = 0.6) -> None:
+    def __init__(self, teacher: nn.Module, lam: float = 0.6,
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> None:
         self.teacher, self.lam = teacher.eval().requires_grad_(False), lam
         self.parent_head = classification_head(teacher)
+        self.autocast = autocast or contextlib.nullcontext
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with capture_head_input(model) as child:
             model(**inputs)
-        with torch.no_grad(), capture_head_input(self.teacher) as parent:
+        with torch.no_grad(), self.autocast(), capture_head_input(self.teacher) as parent:
             self.teacher(**inputs)
-        return hkt_loss(child["feature"], parent["feature"], classification_head(model), self.parent_head,
-                        batch["labels"], self.lam)
+        with self.autocast():
+            return hkt_loss(child["feature"], parent["feature"], classification_head(model), self.parent_head,
+                            batch["labels"], self.lam)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,21 +189,25 @@ def hcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, sub_log
 
 class HCDLoss:
     """`train` loss function for HCD: student stage features (hidden states after `stage_ends`, mask-averaged) and
-    the frozen teacher's penultimate feature and logits feed `branches` (an `HCDBranches`, trained alongside)."""
+    the frozen teacher's penultimate feature and logits feed `branches` (an `HCDBranches`, trained alongside). The
+    teacher and the branches run under `autocast` (default: none)."""
 
     def __init__(self, teacher: nn.Module, branches: nn.Module, stage_indices: list[int], lam: float = 6.0,
-                 beta: float = 1.0, theta: float = 0.5, temperature: float = 4.0) -> None:
+                 beta: float = 1.0, theta: float = 0.5, temperature: float = 4.0,
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.branches, self.stage_indices = branches, stage_indices
         self.lam, self.beta, self.theta, self.temperature = lam, beta, theta, temperature
+        self.autocast = autocast or contextlib.nullcontext
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         outputs = model(**inputs, output_hidden_states=True)
-        with torch.no_grad(), capture_head_input(self.teacher) as parent:
+        with torch.no_grad(), self.autocast(), capture_head_input(self.teacher) as parent:
             teacher_logits = self.teacher(**inputs).logits
         mask = inputs.get("attention_mask")
         stages = [masked_mean_pool(outputs.hidden_states[i], mask) for i in self.stage_indices]
-        sub_logits = self.branches(stages, parent["feature"])
+        with self.autocast():
+            sub_logits = self.branches(stages, parent["feature"])
         return hcd_loss(outputs.logits, teacher_logits, sub_logits, batch["labels"], self.lam, self.beta, self.theta,
                         self.temperature)

@@ -424,9 +424,9 @@ def run(args: argparse.Namespace) -> dict:
         accelerator, model, optimizer, train_dataloader, eval_dataloaders, args)
     if branches is not None:
         loss_fn = HCDLoss(teacher, accelerator.prepare(branches), stages, args.hcd_lambda, args.hcd_beta,
-                          args.hcd_theta, args.kd_temperature)
+                          args.hcd_theta, args.kd_temperature, autocast=accelerator.autocast)
     elif use_kd and args.distill_method == "hkt":
-        loss_fn = HKTLoss(teacher, args.hkt_lambda)
+        loss_fn = HKTLoss(teacher, args.hkt_lambda, autocast=accelerator.autocast)
     else:
         loss_fn = DistillationLoss(teacher, args.kd_alpha if use_kd else 0.0, args.kd_temperature,
                                    kind="mse" if task.is_regression else "kl", autocast=accelerator.autocast,

@@ -172,6 +172,38 @@ def test_hcd_trains_the_student_and_its_branches_only():
     assert student.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
+def accelerate_bf16_forward(model: nn.Module) -> nn.Module:
+    """`model` with its forward as Accelerate's bf16 mixed precision prepares it: run under autocast, outputs cast
+    back to float32 (features captured inside, such as the classifier's input, stay bfloat16)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    return model
+
+
+@pytest.mark.parametrize("method", ["hkt", "hcd"])
+def test_losses_under_mixed_precision(method):
+    """With the student's forward under bf16 autocast, as Accelerate runs it, the loss runs the teacher and its own
+    head or branch calls under the autocast it is given: a finite loss near the float32 one, gradients on the
+    student, a teacher that computes in bfloat16."""
+    teacher, student = tiny_bert(4, 0), layer_student(tiny_bert(4, 0), 2)
+    branches = HCDBranches(32, 32, num_stages=2, num_labels=3)
+
+    def loss_fn(autocast=None):
+        if method == "hkt":
+            return HKTLoss(teacher, autocast=autocast)
+        return HCDLoss(teacher, branches, stage_ends(2, 2), autocast=autocast)
+
+    reference, _ = loss_fn()(student, batch())
+    teacher_dtypes = []  # of the teacher's head outputs: its forward (and, for HKT, the parent head on the mixture)
+    teacher.classifier.register_forward_hook(lambda module, args, output: teacher_dtypes.append(output.dtype))
+    loss, _ = loss_fn(lambda: torch.autocast("cpu", dtype=torch.bfloat16))(accelerate_bf16_forward(student), batch())
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(reference.item(), rel=0.05)
+    assert student.classifier.weight.grad.abs().sum() > 0
+    assert teacher_dtypes and set(teacher_dtypes) == {torch.bfloat16}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Students and the parameter-matched InherNet
 # ------------------------------------------------------------------------------------------------------------------
