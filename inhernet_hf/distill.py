@@ -16,6 +16,8 @@ HCD (Heterogeneous Complementary Distillation, arXiv 2511.10942), per student st
     fused = sub + z_t
     loss = CE(z_s) + mean CE(fused) + lambda T^2 mean KL(softmax(fused / T) || softmax(z_s / T)) + beta L_orth
     L_orth = mean over samples and pairs i != j of ReLU(cos(sub_i, sub_j) - theta)^2, true class masked out.
+    Defaults k = 4, lambda = 6, beta = 1, theta = 0.5 and T = 2 (the recipes' --kd_temperature default, which sets
+    HCD's T there).
 
 Under mixed precision the student's forward runs under autocast (Accelerate wraps it), but the loss functions call
 the teacher and the heads or branches themselves: they run them under the `autocast` context they are given (the
@@ -172,7 +174,7 @@ def orthogonality_loss(sub_logits: torch.Tensor, labels: torch.Tensor, theta: fl
 
 def hcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, sub_logits: torch.Tensor,
              labels: torch.Tensor, lam: float = 6.0, beta: float = 1.0, theta: float = 0.5,
-             temperature: float = 4.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             temperature: float = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """HCD's objective from student logits (B, K), teacher logits (B, K) and sub-logits (S, B, k, K)."""
     fused = sub_logits.float() + teacher_logits.detach().float()[:, None, :]  # (S, B, k, K)
     ce = F.cross_entropy(student_logits.float(), labels)
@@ -193,7 +195,7 @@ class HCDLoss:
     teacher and the branches run under `autocast` (default: none)."""
 
     def __init__(self, teacher: nn.Module, branches: nn.Module, stage_indices: list[int], lam: float = 6.0,
-                 beta: float = 1.0, theta: float = 0.5, temperature: float = 4.0,
+                 beta: float = 1.0, theta: float = 0.5, temperature: float = 2.0,
                  autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.branches, self.stage_indices = branches, stage_indices

@@ -248,12 +248,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     baselines.add_argument("--distill_method", choices=["kd", "hkt", "hcd"], default="kd",
                            help="'kd': Hinton KD weighted by --kd_alpha (0: plain cross-entropy); 'hkt': Hereditary "
                                 "Knowledge Transfer; 'hcd': Heterogeneous Complementary Distillation (both "
-                                "classification only, with their own weights below).")
+                                "classification only, with their own weights below; HCD's KL temperature is "
+                                "--kd_temperature).")
     baselines.add_argument("--hkt_lambda", type=float, default=0.6, help="HKT's mixing weight lambda.")
     baselines.add_argument("--hcd_k", type=int, default=4, help="HCD's sub-logits per stage.")
     baselines.add_argument("--hcd_num_stages", type=int, default=None,
                            help="HCD's student stages (equal groups of layers; default: min(3, layers)).")
-    baselines.add_argument("--hcd_lambda", type=float, default=6.0, help="HCD's KL weight.")
+    baselines.add_argument("--hcd_lambda", type=float, default=6.0,
+                           help="HCD's KL weight (the KL's temperature: --kd_temperature).")
     baselines.add_argument("--hcd_beta", type=float, default=1.0, help="HCD's orthogonality-loss weight.")
     baselines.add_argument("--hcd_theta", type=float, default=0.5, help="HCD's cosine margin theta.")
     args = parser.parse_args(argv)
@@ -268,11 +270,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if GLUE_TASKS[args.task_name].is_regression and changed_flags(args, parser, ("kd_temperature",)):
             raise ValueError(f"{args.task_name} is a regression: its KD term is the MSE to the teacher's outputs, "
                              f"without a temperature; remove --kd_temperature.")
-        unused = (changed_flags(args, parser, ("kd_alpha", "kd_temperature", "kd_hidden_weight"))
-                  if args.distill_method != "kd" else [])
+        # HKT and HCD have their own weights instead of Hinton KD's; HCD's KL term keeps --kd_temperature.
+        hinton = {"kd": (), "hkt": ("kd_alpha", "kd_temperature", "kd_hidden_weight"),
+                  "hcd": ("kd_alpha", "kd_hidden_weight")}
+        unused = changed_flags(args, parser, hinton[args.distill_method])
         if unused:
-            raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights, not "
-                             f"Hinton KD's: remove {', '.join(unused)}.")
+            takes = " and --kd_temperature (its KL temperature)" if args.distill_method == "hcd" else ""
+            raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights{takes}, "
+                             f"not Hinton KD's: remove {', '.join(unused)}.")
         for flag in ("max_length", "max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")

@@ -601,8 +601,11 @@ def test_teacher_that_is_not_fine_tuned(tmp_path, capsys):
      "nothing is distilled with --kd_alpha 0 (and no --kd_hidden_weight): remove --teacher_name_or_path"),
     (["--student_num_layers", "3", "--distill_method", "hkt", "--kd_alpha", "0.9"],
      "HKT uses its own --hkt_* weights, not Hinton KD's: remove --kd_alpha"),
-    (["--student_num_layers", "3", "--distill_method", "hcd", "--kd_hidden_weight", "1"],
-     "HCD uses its own --hcd_* weights, not Hinton KD's: remove --kd_hidden_weight"),
+    (["--student_num_layers", "3", "--distill_method", "hkt", "--kd_temperature", "3"],
+     "HKT uses its own --hkt_* weights, not Hinton KD's: remove --kd_temperature"),
+    (["--student_num_layers", "3", "--distill_method", "hcd", "--kd_hidden_weight", "1", "--kd_temperature", "3"],
+     "HCD uses its own --hcd_* weights and --kd_temperature (its KL temperature), not Hinton KD's: remove "
+     "--kd_hidden_weight."),
     (["--task_name", "stsb", "--kd_temperature", "3"],
      "stsb is a regression: its KD term is the MSE to the teacher's outputs, without a temperature"),
     (["--kd_alpha", "0", "--kd_hidden_weight", "1", "--kd_temperature", "3"],
@@ -615,6 +618,22 @@ def test_flags_that_would_be_unused_or_invalid_are_refused_at_parse_time(flags, 
     with pytest.raises(SystemExit):
         load_recipe().parse_args(["--task_name", "sst2", "--model_name_or_path", "m", "--output_dir", "o", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_kd_temperature_is_hcds_kl_temperature():
+    """--kd_temperature sets HCD's KL temperature; without it, glue.py and the library's HCD use the same T."""
+    import inspect
+
+    from inhernet_hf.distill import HCDLoss, hcd_loss
+
+    def parse(*flags):
+        return load_recipe().parse_args(["--task_name", "sst2", "--model_name_or_path", "m", "--output_dir", "o",
+                                         "--student_num_layers", "3", "--distill_method", "hcd", *flags])
+
+    assert parse("--kd_temperature", "3").kd_temperature == 3.0
+    default = parse().kd_temperature
+    assert inspect.signature(HCDLoss).parameters["temperature"].default == default
+    assert inspect.signature(hcd_loss).parameters["temperature"].default == default
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="needs a tracker that is not installed")
