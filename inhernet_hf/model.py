@@ -44,6 +44,14 @@ def _check_weight(name: str, module: nn.Module) -> None:
         raise ValueError(f"Module {name!r} has NaN or Inf values in its weight; cannot factor it.")
 
 
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has in `model`, for the parameters held under more than one name (tied)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {key: value for key, value in names.items() if len(value) > 1}
+
+
 def _new_layer(dense: nn.Module, rank: int, num_heads: int, config: InherConfig) -> InherLinear:
     """An (uninitialised) InherLinear shaped like `dense`, on its device and in its dtype (meta stays meta)."""
     weight = dense_weight(dense)
@@ -80,13 +88,20 @@ def get_inher_model(
     if isinstance(model, InherModel) or any(isinstance(m, InherLinear) for m in model.modules()):
         raise ValueError("This model is already inherited (it contains InherLinear layers); inherit the dense model.")
     names = [n for n, _ in model.named_modules() if n]
-    for field_name in ("modules_to_save", "exclude_modules"):
-        spec = getattr(config, field_name)
-        entries = [spec] if isinstance(spec, str) else spec or []
-        missing = [k for k in entries if not any(matches(k if isinstance(spec, str) else [k], n) for n in names)]
-        if missing:
-            raise ValueError(f"{field_name} entries {missing} match no module of this model (a list entry is an exact "
-                             f"name or a dotted suffix such as 'q_proj', a string a regex for the full name).")
+    missing = [k for k in config.modules_to_save or [] if not any(matches([k], n) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save entries {missing} match no module of this model (an entry is an exact "
+                         f"name or a dotted suffix such as 'classifier').")
+    linears = [n for n, m in model.named_modules() if is_replaceable(m)]
+    spec = config.exclude_modules
+    idle = [k for k in ([spec] if isinstance(spec, str) else spec or [])
+            if not any(matches(k if isinstance(spec, str) else [k], n) for n in linears)]
+    if idle:
+        raise ValueError(f"exclude_modules entries {idle} match no Linear/Conv1D layer of this model. As in PEFT, an "
+                         f"entry is matched against each layer's own name (a list entry: exact name or dotted suffix "
+                         f"such as 'q_proj'; a string: regex for the full name), so a parent module such as "
+                         f"'vision_tower' excludes nothing inside it: to keep a whole submodule dense use "
+                         f"modules_to_save, or a regex such as r'.*vision_tower\\..*'.")
     if calibration_data is not None and not config.needs_calibration:
         raise ValueError(f"calibration_data was given but init={config.init!r} and rank_allocation="
                          f"{config.rank_allocation!r} do not use it; use init='whitened' or "
@@ -95,8 +110,14 @@ def get_inher_model(
     targets = find_targets(model, config.target_modules, config.exclude_modules, config.modules_to_save,
                            config.task_type)
     modules = {name: model.get_submodule(name) for name in targets}
+    shared = _shared_parameters(model)
     for name, module in modules.items():
         _check_weight(name, module)
+        tied = [n for n in shared.get(id(module.weight), []) if n != f"{name}.weight"]
+        if tied:
+            raise ValueError(f"{name}.weight is tied to {tied}: inheriting {name} would untie it and add parameters "
+                             f"instead of removing them. Leave it out of target_modules (or untie the weights first, "
+                             f"e.g. config.tie_word_embeddings=False, and load the model again).")
     unused = [key for key in config.rank_pattern if not any(pattern_matches(key, t) for t in targets)]
     if unused:
         raise ValueError(f"rank_pattern keys {unused} match no targeted module (a key must match the end of a full "

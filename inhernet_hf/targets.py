@@ -71,7 +71,7 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
-def _all_linear_excluded(model: nn.Module, task_type: Optional[str]) -> set[str]:
+def _all_linear_excluded(model: nn.Module) -> set[str]:
     """Names that "all-linear" skips: output embeddings, classifier heads, projectors, MultiheadAttention parts."""
     excluded = set()
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -81,9 +81,9 @@ def _all_linear_excluded(model: nn.Module, task_type: Optional[str]) -> set[str]
             excluded.add(name)
         elif any(part in PROJECTOR_NAMES for part in name.split(".")):
             excluded.add(name)
-        elif task_type == "SEQ_CLS" and any(part in SEQ_CLS_HEAD_NAMES for part in name.split(".")):
+        elif any(part in SEQ_CLS_HEAD_NAMES for part in name.split(".")):  # the head and its layers (RoBERTa's)
             excluded.add(name)
-        elif last in SEQ_CLS_HEAD_NAMES or last in ("qa_outputs", "pre_classifier"):
+        elif last in ("qa_outputs", "pre_classifier"):
             excluded.add(name)
         if isinstance(module, nn.MultiheadAttention):
             excluded.update(f"{name}.{child}" for child, _ in module.named_modules() if child)
@@ -121,7 +121,7 @@ def find_targets(
     if task_type == "SEQ_CLS":
         keep_dense += [n for n in SEQ_CLS_HEAD_NAMES if n not in keep_dense]
     all_linear = spec == "all-linear"
-    skipped = _all_linear_excluded(model, task_type) if all_linear else set()
+    skipped = _all_linear_excluded(model) if all_linear else set()
     targets = []
     for name, module in model.named_modules():
         if not name or matches(exclude_modules, name) or matches(keep_dense, name):

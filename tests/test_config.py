@@ -107,12 +107,24 @@ def test_unknown_modules_to_save_is_an_error(tiny_llama):
         get_inher_model(tiny_llama, InherConfig(r=4, modules_to_save=["classifier"]), progressbar=False)
 
 
-@pytest.mark.parametrize("exclude, missing", [(["q_prj", "v_proj"], "['q_prj']"), (r"layers\.9\..*", r"['layers\\.9\\..*']")])
-def test_exclude_modules_matching_nothing_is_an_error(tiny_llama, exclude, missing):
+@pytest.mark.parametrize("exclude, missing", [(["q_prj", "v_proj"], "['q_prj']"), (r"layers\.9\..*", r"['layers\\.9\\..*']"),
+                                              (["self_attn", "mlp.up_proj"], "['self_attn']")])  # a parent module
+def test_exclude_modules_matching_no_layer_is_an_error(tiny_llama, exclude, missing):
     with pytest.raises(ValueError) as info:
         get_inher_model(tiny_llama, InherConfig(r=4, exclude_modules=exclude), progressbar=False)
-    assert f"exclude_modules entries {missing} match no module" in str(info.value)
+    assert f"exclude_modules entries {missing} match no Linear/Conv1D layer" in str(info.value)
     assert not any(isinstance(m, InherLinear) for m in tiny_llama.modules())
+
+
+def test_a_tied_output_embedding_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied to \['model.embed_tokens.weight'\]"):
+        get_inher_model(model, InherConfig(r=4, target_modules=["lm_head"]), progressbar=False)
+    assert not any(isinstance(m, InherLinear) for m in model.modules())
 
 
 def test_rank_multiple_applies_to_ratios_in_rank_pattern_next_to_r(tiny_llama):

@@ -355,3 +355,15 @@ def test_all_linear_llava_keeps_projector_and_lm_head_dense():
     assert set(layers) == _expected_targets(CASES["llava"], linears)
     assert any(n.startswith("model.vision_tower.") for n in layers)
     assert any(n.startswith("model.language_model.") for n in layers)
+
+
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_all_linear_keeps_every_layer_of_a_classification_head_dense(task_type):
+    """RoBERTa's head is a module with its own Linear layers (classifier.dense, classifier.out_proj)."""
+    model = T.RobertaForSequenceClassification(T.RobertaConfig(**_BERT_TEXT, num_labels=3))
+    linears = _dense_linears(model)
+    inher = get_inher_model(model, InherConfig(r=4, num_heads=2, target_modules="all-linear", task_type=task_type),
+                            progressbar=False)
+    layers = _inher_layers(inher.base_model)
+    assert {"classifier.dense", "classifier.out_proj"} <= set(linears)
+    assert set(layers) == {n for n in linears if not n.startswith("classifier.")}
