@@ -370,6 +370,11 @@ def run(args: argparse.Namespace) -> dict:
     if use_kd:
         teacher = load_teacher(args.teacher_name_or_path or args.model_name_or_path, task, tokenizer)
         teacher.to(accelerator.device)
+        if args.distill_method == "hkt" and teacher.config.hidden_size != config.hidden_size:
+            raise GlueRecipeError(f"--distill_method hkt mixes the student's and the teacher's penultimate features, "
+                                  f"so both need one width, but the teacher has hidden_size "
+                                  f"{teacher.config.hidden_size} and the student {config.hidden_size}. For a teacher "
+                                  f"of another width use --distill_method hcd (its projectors map between widths).")
 
     # Tokenise (only the examples used).
     if args.max_train_samples is not None:

@@ -590,6 +590,29 @@ def test_teacher_that_is_not_fine_tuned(tmp_path, capsys):
     assert "not fine-tuned" in message and "classifier" in message and "--kd_alpha 0" in message
 
 
+@pytest.fixture(scope="module")
+def narrow_teacher(tmp_path_factory):
+    """A saved SST-2-shaped BERT classifier with MiniLM's vocabulary but hidden size 32 (MiniLM: 384), weights only
+    (no tokenizer files): a valid KD teacher of another width."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("glue") / "narrow_teacher"
+    vocab = BertConfig.from_pretrained(minilm_path()).vocab_size
+    BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64, num_labels=2)
+                                  ).save_pretrained(path)
+    return path
+
+
+@needs_glue
+def test_hkt_with_a_teacher_of_another_width_is_refused(narrow_teacher, tmp_path, capsys):
+    message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--teacher_name_or_path", narrow_teacher,
+                     "--student_num_layers", "3", "--distill_method", "hkt"], tmp_path, capsys)
+    assert ("the teacher has hidden_size 32 and the student 384. For a teacher of another width use --distill_method "
+            "hcd") in message
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--no_inher", "--inher_target_ratio", "0.3", "--inher_init", "whitened"],
      "this run does not inherit (--no_inher): remove --inher_target_ratio, --inher_init"),
