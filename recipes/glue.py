@@ -48,6 +48,8 @@ from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLo
                                   resolve_checkpoint, run_results, train)
 
 HUB_DATASET = "nyu-mll/glue"
+# The flags of the --distill_method baselines (kd's flags are add_kd_args').
+BASELINE_FLAGS = {"hkt": ("hkt_lambda",), "hcd": ("hcd_k", "hcd_num_stages", "hcd_lambda", "hcd_beta", "hcd_theta")}
 
 
 class GlueRecipeError(ValueError):
@@ -278,10 +280,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             takes = " and --kd_temperature (its KL temperature)" if args.distill_method == "hcd" else ""
             raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights{takes}, "
                              f"not Hinton KD's: remove {', '.join(unused)}.")
+        unused = changed_flags(args, parser, [name for method, names in BASELINE_FLAGS.items()
+                                              if method != args.distill_method for name in names])
+        if unused:
+            raise ValueError(f"--distill_method {args.distill_method} does not use {', '.join(unused)} (the --hkt_* "
+                             f"flags set HKT, the --hcd_* flags HCD): remove them.")
         for flag in ("max_length", "max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-        if args.distill_method == "hcd" and args.hcd_k < 1:
+        if args.hcd_k < 1:
             raise ValueError(f"--hcd_k must be >= 1, got {args.hcd_k}.")
     except ValueError as err:
         parser.error(str(err))
@@ -419,7 +426,6 @@ def run(args: argparse.Namespace) -> dict:
         model = inherit_for_training(accelerator, model, inher_config, processed["train"], collator, args)
     total_params, trainable_params = param_counts(model)
 
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     branches = None
     if use_kd and args.distill_method == "hcd":  # training-only modules: trained with the student, never saved
         num_layers = model.config.num_hidden_layers
@@ -429,7 +435,9 @@ def run(args: argparse.Namespace) -> dict:
             raise GlueRecipeError(f"--hcd_num_stages: {err}") from err
         branches = HCDBranches(model.config.hidden_size, teacher.config.hidden_size, len(stages),
                                task.num_labels, args.hcd_k)
-        optimizer.add_param_group({"params": list(branches.parameters()), "weight_decay": args.weight_decay})
+    # HCD's branches are optimised with the student, under the same rule (no weight decay on biases and norms)
+    trained = model if branches is None else torch.nn.ModuleList([model, branches])
+    optimizer = build_optimizer(trained, args.learning_rate, args.weight_decay)
     model, optimizer, train_dataloader, eval_dataloaders, lr_scheduler, plan = prepare_training(
         accelerator, model, optimizer, train_dataloader, eval_dataloaders, args)
     if branches is not None:

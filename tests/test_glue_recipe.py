@@ -613,6 +613,32 @@ def test_hkt_with_a_teacher_of_another_width_is_refused(narrow_teacher, tmp_path
             "hcd") in message
 
 
+@needs_glue
+def test_hcd_branches_follow_the_optimizers_no_decay_rule(narrow_teacher, tmp_path, monkeypatch):
+    """HCD's training-only branches (here mapping to a narrower teacher) join the student's optimizer under
+    build_optimizer's rule: --weight_decay on weight matrices, none on biases."""
+    recipe = load_recipe()
+    prepared = {}
+
+    class Prepared(Exception):
+        pass
+
+    def prepare_training(accelerator, model, optimizer, *args):
+        prepared.update(model=model, optimizer=optimizer)
+        raise Prepared  # what is checked is built; no training
+
+    monkeypatch.setattr(recipe, "prepare_training", prepare_training)
+    with pytest.raises(Prepared):
+        recipe.main([*SST2, "--model_name_or_path", minilm_path(), "--teacher_name_or_path", str(narrow_teacher),
+                     "--student_num_layers", "2", "--distill_method", "hcd", "--weight_decay", "0.01",
+                     "--output_dir", str(tmp_path / "out")])
+    student = {id(p) for p in prepared["model"].parameters()}
+    decay = {id(p): group["weight_decay"] for group in prepared["optimizer"].param_groups for p in group["params"]}
+    branches = [p for group in prepared["optimizer"].param_groups for p in group["params"] if id(p) not in student]
+    assert student <= set(decay) and {p.ndim for p in branches} == {1, 2}  # biases and weight matrices
+    assert all(decay[id(p)] == (0.01 if p.ndim == 2 else 0.0) for p in branches)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--no_inher", "--inher_target_ratio", "0.3", "--inher_init", "whitened"],
      "this run does not inherit (--no_inher): remove --inher_target_ratio, --inher_init"),
@@ -629,6 +655,12 @@ def test_hkt_with_a_teacher_of_another_width_is_refused(narrow_teacher, tmp_path
     (["--student_num_layers", "3", "--distill_method", "hcd", "--kd_hidden_weight", "1", "--kd_temperature", "3"],
      "HCD uses its own --hcd_* weights and --kd_temperature (its KL temperature), not Hinton KD's: remove "
      "--kd_hidden_weight."),
+    (["--student_num_layers", "3", "--hkt_lambda", "0.5"], "--distill_method kd does not use --hkt_lambda"),
+    (["--student_num_layers", "3", "--distill_method", "hkt", "--hcd_k", "2", "--hcd_theta", "0.1"],
+     "--distill_method hkt does not use --hcd_k, --hcd_theta (the --hkt_* flags set HKT, the --hcd_* flags HCD)"),
+    (["--student_num_layers", "3", "--distill_method", "hcd", "--hkt_lambda", "0.5"],
+     "--distill_method hcd does not use --hkt_lambda"),
+    (["--student_num_layers", "3", "--distill_method", "hcd", "--hcd_k", "0"], "--hcd_k must be >= 1, got 0"),
     (["--task_name", "stsb", "--kd_temperature", "3"],
      "stsb is a regression: its KD term is the MSE to the teacher's outputs, without a temperature"),
     (["--kd_alpha", "0", "--kd_hidden_weight", "1", "--kd_temperature", "3"],
