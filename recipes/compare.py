@@ -9,9 +9,12 @@ compare.md).
 Methods (--methods, default all): teacher (evaluated only); student (CE), student_kd (Hinton), student_hkt,
 student_hcd; lowrank (1 head, no gate, SVD init); inher, inher_kd; inher_whitened (activation-aware init and rank
 allocation from 128 training examples, no KD); ablations inher_no_svd (random init), inher_no_gate, inher_symmetric.
-Budget: --student_num_layers N (InherNet gets the student's parameter count), or --target_ratio R (the student gets the
-layer count closest to InherNet's size). Columns: score (mean +- std over seeds), parameters, train time, and the
-score after 25% of the steps (convergence). A finished run is reused if it was made with the same flags.
+HKT and HCD need a classification task: on STS-B (a regression) leave student_hkt and student_hcd out of --methods.
+Budget: --student_num_layers N, or --target_ratio R, which only picks the student depth: the layer count whose student
+is closest in size to InherNet at R. Either way InherNet then runs at the ratio that matches the student's parameter
+count (printed), not at R. Columns: score (mean +- std over seeds), parameters, train time, and the score after 25%
+of the steps (convergence), the steps counted for the --num_processes of --launcher. A finished run is reused if it
+was made with the same flags.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import math
 import shlex
 import statistics
 from pathlib import Path
+from typing import Optional
 
 from glue import GLUE_TASKS, load_glue  # recipes/ is on sys.path when this file runs as a script
 from glue_table import MAIN_METRIC, RECIPE, add_launch_args, check_table_args, kd_temperature_flag, run
@@ -34,6 +38,7 @@ INHER_METHODS = {"lowrank": ["--inher_num_heads", "1", "--inher_gate", "none", "
                  "inher_no_gate": ["--inher_gate", "none", "--kd_alpha", "0"],
                  "inher_symmetric": ["--inher_structure", "symmetric", "--kd_alpha", "0"]}
 KD_METHODS = ("student_kd", "inher_kd")  # they get --kd_alpha / --kd_temperature; the others distil otherwise or not
+CLASSIFICATION_METHODS = ("student_hkt", "student_hcd")  # glue.py refuses HKT and HCD on a regression
 METHODS = ["teacher", *STUDENT_METHODS, *INHER_METHODS]
 LABELS = {"teacher": "teacher", "student": "student (CE)", "student_kd": "student + KD",
           "student_hkt": "student + HKT", "student_hcd": "student + HCD", "lowrank": "plain low-rank (SVD, 1 head)",
@@ -42,7 +47,7 @@ LABELS = {"teacher": "teacher", "student": "student (CE)", "student_kd": "studen
           "inher_no_gate": "InherNet w/o gate", "inher_symmetric": "InherNet symmetric"}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task_name", type=str.lower, required=True, choices=sorted(GLUE_TASKS))
     parser.add_argument("--teacher_name_or_path", required=True, help="The teacher fine-tuned on the task.")
@@ -51,7 +56,10 @@ def parse_args() -> argparse.Namespace:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--student_num_layers", type=int, default=None,
                         help="Student depth, as recipes/glue.py's --student_num_layers (default: half the teacher's).")
-    budget.add_argument("--target_ratio", type=float, default=None, help="InherNet's targeted-parameter ratio.")
+    budget.add_argument("--target_ratio", type=float, default=None,
+                        help="In (0, 1]; only picks the student depth: the layer count whose student is closest in "
+                             "size to InherNet at this targeted-parameter ratio. InherNet then runs matched to that "
+                             "student's size, at the ratio printed, not at this one.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--num_heads", type=int, default=2, help="InherNet heads (lowrank uses 1).")
@@ -62,15 +70,41 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="One learning rate for every method.")
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--kd_alpha", type=float, default=0.5)
-    parser.add_argument("--kd_temperature", type=float, default=4.0)
+    parser.add_argument("--kd_temperature", type=float, default=4.0,
+                        help="Hinton KD's temperature (student_kd, inher_kd); HCD's KL keeps glue.py's default, 2.")
     add_launch_args(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     check_table_args(parser, args)
+    if args.target_ratio is not None and not 0 < args.target_ratio <= 1:
+        parser.error(f"--target_ratio must lie in (0, 1], got {args.target_ratio}.")
+    refused = [m for m in args.methods if m in CLASSIFICATION_METHODS]
+    if GLUE_TASKS[args.task_name].is_regression and refused:
+        kept = " ".join(m for m in args.methods if m not in refused)
+        parser.error(f"{args.task_name} is a regression, and HKT and HCD need a classification task: drop "
+                     f"{', '.join(refused)} from --methods (e.g. --methods {kept}).")
+    args.num_processes = launcher_num_processes(parser, args.launcher)
     return args
 
 
+def launcher_num_processes(parser: argparse.ArgumentParser, launcher: str) -> int:
+    """The number of processes `launcher` starts: its --num_processes (accelerate launch's flag), 1 without it."""
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    reader.add_argument("--num_processes", default="1")
+    value = reader.parse_known_args(shlex.split(launcher))[0].num_processes
+    if not value.isdigit() or int(value) < 1:
+        parser.error(f"--launcher: --num_processes must be an integer >= 1, got {value!r}.")
+    return int(value)
+
+
+def steps_per_run(train_size: int, batch_size: int, num_epochs: int, num_processes: int) -> int:
+    """Optimizer steps of a glue.py run: each epoch's ceil(train_size / batch_size) batches are dealt out to the
+    processes (Accelerate's even sharding: ceil(batches / num_processes) per process), one step per batch."""
+    return num_epochs * math.ceil(math.ceil(train_size / batch_size) / num_processes)
+
+
 def match_budget(args: argparse.Namespace) -> tuple[int, float, int]:
-    """(student layers, InherNet target ratio, student parameters) of equal total size."""
+    """(student layers, InherNet target ratio, student parameters) of equal total size; with --target_ratio R the
+    layers are those of the student closest in size to InherNet at R, and the returned ratio is matched to them."""
     from transformers import AutoModelForSequenceClassification
 
     from inhernet_hf import InherConfig
@@ -147,10 +181,15 @@ def main() -> None:
     train_size = len(load_glue(task, args.data_dir)["train"])
     if args.max_train_samples is not None:
         train_size = min(train_size, args.max_train_samples)
-    total_steps = args.num_train_epochs * math.ceil(train_size / args.per_device_train_batch_size)
+    total_steps = steps_per_run(train_size, args.per_device_train_batch_size, args.num_train_epochs,
+                                args.num_processes)
     quarter = max(1, total_steps // 4)
-    print(f"budget: {layers}-layer student with {student_params:,} parameters; InherNet target_ratio {ratio:.4f} "
-          f"({args.num_heads} heads); {total_steps} steps per run, convergence read at step {quarter}")
+    if args.target_ratio is not None:
+        print(f"--target_ratio {args.target_ratio} picked the student depth: {layers} layers, the student closest in "
+              f"size to InherNet at that ratio")
+    print(f"budget: {layers}-layer student with {student_params:,} parameters; InherNet matched to it at target_ratio "
+          f"{ratio:.4f} ({args.num_heads} heads); {total_steps} steps per run on {args.num_processes} process(es), "
+          f"convergence read at step {quarter}")
 
     common = ["--task_name", task.name, "--max_length", str(args.max_length),
               "--per_device_train_batch_size", str(args.per_device_train_batch_size),
@@ -196,6 +235,7 @@ def main() -> None:
     (root / "compare.md").write_text(f"{table}\n\n```\n{chart}\n```\n")
     (root / "compare.json").write_text(json.dumps({"task": task.name, "metric": metric, "student_layers": layers,
                                                    "target_ratio": ratio, "total_steps": total_steps,
+                                                   "num_processes": args.num_processes,
                                                    "rows": rows, "commands": commands}, indent=2))
     plot(rows, metric, f"{task.name}: {layers}-layer student vs InherNet (equal parameters)", root / "compare.png")
     print(f"wrote {root / 'compare.md'}, compare.json and compare.png")

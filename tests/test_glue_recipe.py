@@ -224,6 +224,47 @@ def test_compare_text_chart():
                                   "bb  ████████████████████  0.8000"]
 
 
+COMPARE = ["--teacher_name_or_path", "t", "--output_dir", "o"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task_name", "stsb"], "stsb is a regression, and HKT and HCD need a classification task: drop student_hkt, "
+                              "student_hcd from --methods"),
+    (["--task_name", "stsb", "--methods", "student", "student_hcd", "inher"],
+     "drop student_hcd from --methods (e.g. --methods student inher)"),
+    (["--task_name", "sst2", "--target_ratio", "0"], "--target_ratio must lie in (0, 1], got 0.0"),
+    (["--task_name", "sst2", "--target_ratio", "1.5"], "--target_ratio must lie in (0, 1], got 1.5"),
+    (["--task_name", "sst2", "--launcher", "accelerate launch --num_processes two"],
+     "--launcher: --num_processes must be an integer >= 1, got 'two'"),
+])
+def test_compare_refuses_bad_arguments_before_any_run(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        load_recipe_file("compare").parse_args([*flags, *COMPARE])
+    assert message in capsys.readouterr().err
+
+
+def test_compare_runs_a_regression_without_hkt_and_hcd():
+    args = load_recipe_file("compare").parse_args(["--task_name", "stsb", "--methods", "teacher", "student_kd",
+                                                   *COMPARE])
+    assert args.methods == ["teacher", "student_kd"]
+
+
+def test_compare_counts_steps_for_the_launchers_processes():
+    """Steps, warmup and the 25% evaluation point are computed for the processes --launcher starts: each gets
+    ceil(batches / processes) batches an epoch, as Accelerate shards them."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    compare = load_recipe_file("compare")
+    processes = {launcher: compare.parse_args(["--task_name", "sst2", "--launcher", launcher, *COMPARE]).num_processes
+                 for launcher in ("accelerate launch --num_processes 2 --cpu", "accelerate launch --num_processes=3",
+                                  "python")}
+    assert list(processes.values()) == [2, 3, 1]
+    batches = BatchSamplerShard(BatchSampler(range(65), 16, drop_last=False), num_processes=2, process_index=0)
+    assert compare.steps_per_run(65, 16, num_epochs=2, num_processes=2) == 2 * len(batches) == 6
+    assert compare.steps_per_run(65, 16, num_epochs=2, num_processes=1) == 10
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # (c) two processes (gloo): same metric, no duplicated eval samples
 # ------------------------------------------------------------------------------------------------------------------
