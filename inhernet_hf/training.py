@@ -315,10 +315,10 @@ def inherit_model(model: nn.Module, inher_config: InherConfig, calibration_loade
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    """Accelerator with gradient accumulation, trackers (when --with_tracking) under --output_dir, and a seedable
-    sampler: the shuffled order of epoch e depends only on (seed, e), which is what makes resumption exact."""
+    """Accelerator with trackers (when --with_tracking) under --output_dir and a seedable sampler: the shuffled
+    order of epoch e depends only on (seed, e), which is what makes resumption exact. Gradient accumulation is
+    `train`'s own (weighted by items, see there), so the Accelerator is built without it."""
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -648,6 +648,28 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def count_examples(batch: Mapping[str, Any]) -> int:
+    """What a sequence-level loss averages over: the batch's examples."""
+    return len(next(iter(batch.values())))
+
+
+def count_target_tokens(batch: Mapping[str, Any], ignore_index: int = -100) -> int:
+    """What a causal LM's loss averages over: the next-token labels (labels[:, 1:]) that are not `ignore_index`."""
+    return int((batch["labels"][..., 1:] != ignore_index).sum())
+
+
+def _windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """The micro-batches of each optimizer step: `size` at a time, the last window of an epoch possibly shorter."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
 def _batches(dataloader) -> Iterator[Any]:
     """Iterate `dataloader`, starting its iterator (and fetching the first batch) under `preserved_rng`."""
     iterator = iter(dataloader)
@@ -725,11 +747,18 @@ def train(
     with_tracking: bool = False,
     project_name: str = "inhernet",
     tracker_args: Optional[argparse.Namespace] = None,
+    count_items: Callable[[Mapping[str, Any]], int] = count_examples,
 ) -> TrainResult:
     """The training loop shared by the recipes (all arguments prepared by `prepare_training`).
 
-    Per micro-batch: `loss, logs = loss_fn(model, batch)` inside `accelerator.accumulate(model)`, then backward;
-    at each optimizer step the gradients are clipped (`max_grad_norm`) and the optimizer and scheduler step.
+    Each optimizer step takes a window of `plan.gradient_accumulation_steps` micro-batches per process (the last
+    window of an epoch may be shorter). `loss, logs = loss_fn(model, batch)` is the mean over the batch's items
+    (`count_items(batch)`: examples, or a causal LM's target tokens); each micro-batch's loss is weighted by its
+    share of the items of the whole window on all processes, so a step's gradient is that of the mean over every
+    item of the window, as with one large batch: micro-batches of different sizes or answer lengths, a short last
+    window and uneven processes count each item once. Gradients are synchronised only on a window's last
+    micro-batch, clipped (`max_grad_norm`, every parameter the optimizer updates), and the optimizer and
+    scheduler step.
     Every `checkpointing_steps` optimizer steps (or at each epoch end for 'epoch') the full state is saved
     atomically with `save_checkpoint`. `resume_from_checkpoint` (a folder from `resolve_checkpoint`) restores model,
     optimizer, scheduler, scaler and RNG states (`accelerator.load_state`) and the data position: the epoch's
@@ -740,6 +769,9 @@ def train(
     at the end if no evaluation describes the final weights yet; its metrics are logged with an 'eval_' prefix and
     listed in `TrainResult.eval_history`.
     """
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError("train() accumulates gradients itself (plan.gradient_accumulation_steps); build the "
+                         "Accelerator without gradient_accumulation_steps (build_accelerator does).")
     output_dir = Path(output_dir)
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
     resumed_from = last_checkpoint = None
@@ -792,27 +824,40 @@ def train(
         return metrics
 
     scaler_in_use = getattr(accelerator, "scaler", None) is not None
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]  # the model's and any others
 
-    def micro_step(batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward/backward of one micro-batch (and the optimizer step at accumulation boundaries); returns the
-        loss summed over processes and the loss function's logs. Non-finite values stop every process together."""
-        with accelerator.accumulate(model):
-            loss, logs = loss_fn(model, batch)
-            stats = accelerator.reduce(torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()]),
-                                       "sum")
-            if stats[1] > 0:
-                raise NonFiniteLossError(_non_finite_message("loss", loss.item(), completed_steps + 1, epoch,
-                                                             last_checkpoint))
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-                if norm is not None and not scaler_in_use and not torch.isfinite(torch.as_tensor(norm)):
-                    raise NonFiniteLossError(_non_finite_message("gradient norm", float(norm), completed_steps + 1,
-                                                                 epoch, last_checkpoint))
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-        return stats[0], logs
+    def optimizer_step(window: list, epoch: int) -> tuple[float, dict[str, torch.Tensor]]:
+        """Forward/backward of a window's micro-batches, then the optimizer step; returns the window's loss (the
+        mean over all its items on all processes) and the loss function's logs weighted the same way, local to
+        this process. Non-finite values stop every process together, before the weights change."""
+        counts = [count_items(batch) for batch in window]
+        total = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum").item()
+        if total == 0:
+            raise ValueError(f"The micro-batches of optimizer step {completed_steps + 1} hold no item to learn from "
+                             f"(count_items gave 0 on every process).")
+        window_loss, window_logs = 0.0, {}
+        for index, (batch, count) in enumerate(zip(window, counts)):
+            sync = index == len(window) - 1  # DDP all-reduces the gradients once per window
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss, logs = loss_fn(model, batch)
+                weight = count / total
+                stats = accelerator.reduce(torch.stack([loss.detach().float() * weight,
+                                                        (~torch.isfinite(loss.detach())).float()]), "sum")
+                if stats[1] > 0:
+                    raise NonFiniteLossError(_non_finite_message("loss", loss.item(), completed_steps + 1, epoch,
+                                                                 last_checkpoint))
+                accelerator.backward(loss * (weight * accelerator.num_processes))  # DDP averages over processes
+            window_loss += stats[0].item()
+            for key, value in logs.items():
+                window_logs[key] = window_logs.get(key, 0.0) + value.float() * weight
+        norm = accelerator.clip_grad_norm_(parameters, max_grad_norm or math.inf)
+        if norm is not None and not scaler_in_use and not torch.isfinite(torch.as_tensor(norm)):
+            raise NonFiniteLossError(_non_finite_message("gradient norm", float(norm), completed_steps + 1, epoch,
+                                                         last_checkpoint))
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        return window_loss, window_logs
 
     progress = tqdm(range(plan.max_train_steps), initial=min(completed_steps, plan.max_train_steps),
                     disable=not accelerator.is_local_main_process, desc="Training")
@@ -829,20 +874,17 @@ def train(
             skip = skip_batches if epoch == starting_epoch else 0
             loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
             batches_done = skip
-            for batch in _batches(loader):
-                loss_total, logs = micro_step(batch, epoch)
-                batches_done += 1
-                loss_sum += loss_total.item() / accelerator.num_processes
+            for window in _windows(_batches(loader), plan.gradient_accumulation_steps):
+                step_loss, logs = optimizer_step(window, epoch)
+                batches_done += len(window)
+                loss_sum += step_loss
                 loss_count += 1
-                if not accelerator.sync_gradients:
-                    continue
                 completed_steps += 1
                 steps_this_run += 1
                 progress.update(1)
                 if with_tracking:
-                    record = {"train_loss": loss_total.item() / accelerator.num_processes,
-                              "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
-                    record.update({k: accelerator.reduce(v.float(), "mean").item() for k, v in logs.items()})
+                    record = {"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                    record.update({k: accelerator.reduce(v, "sum").item() for k, v in logs.items()})
                     accelerator.log(record, step=completed_steps)
                 if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
                     last_checkpoint = str(save_checkpoint(accelerator, output_dir, f"step_{completed_steps}",

@@ -42,9 +42,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited models load)
 from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, TrackingError, add_inher_args,
                                   add_kd_args, add_training_args, build_accelerator, build_optimizer, check_common_args,
-                                  check_hidden_states_match, create_hub_repo, finish_run, inher_config_from_args,
-                                  inherit_for_training, param_counts, prepare_training, resolve_checkpoint,
-                                  run_results, train)
+                                  check_hidden_states_match, count_target_tokens, create_hub_repo, finish_run,
+                                  inher_config_from_args, inherit_for_training, param_counts, prepare_training,
+                                  resolve_checkpoint, run_results, train)
 
 HUB_DATASET, HUB_CONFIG = "openai/gsm8k", "main"
 IGNORE_INDEX = -100
@@ -416,7 +416,7 @@ def run(args: argparse.Namespace) -> dict:
                    max_grad_norm=args.max_grad_norm, eval_fn=lambda: answer_nll(accelerator, model,
                                                                                 eval_dataloaders["test"]),
                    eval_steps=args.eval_steps, seed=args.seed, with_tracking=args.with_tracking, project_name="gsm8k",
-                   tracker_args=args)
+                   tracker_args=args, count_items=lambda batch: count_target_tokens(batch, IGNORE_INDEX))
 
     generation_start = time.perf_counter()
     count = len(raw["test"]) if args.max_generation_samples is None else min(args.max_generation_samples,

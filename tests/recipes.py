@@ -20,6 +20,12 @@ DATA_DIR = Path(os.environ.get("INHERNET_DATA_DIR", REPO.parent / "shared" / "da
 
 def launch(recipe: str, args, output_dir, num_processes=1, env=None, check=True, timeout=300, mixed_precision="no"):
     """`accelerate launch recipes/<recipe>.py ARGS --output_dir OUTPUT_DIR` on CPU; returns the CompletedProcess."""
+    return launch_script(RECIPES / f"{recipe}.py", [*args, "--output_dir", output_dir], num_processes, env, check,
+                         timeout, mixed_precision)
+
+
+def launch_script(script, args, num_processes=1, env=None, check=True, timeout=300, mixed_precision="no"):
+    """`accelerate launch SCRIPT ARGS` on CPU (1 process, or N over gloo); returns the CompletedProcess."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                "--mixed_precision", mixed_precision,
                "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--num_processes", str(num_processes)]
@@ -29,7 +35,7 @@ def launch(recipe: str, args, output_dir, num_processes=1, env=None, check=True,
     else:
         command += ["--multi_gpu", "--main_process_port", "0"]
         extra["ACCELERATE_USE_CPU"] = "1"
-    command += [str(RECIPES / f"{recipe}.py"), *map(str, args), "--output_dir", str(output_dir)]
+    command += [str(script), *map(str, args)]
     result = subprocess.run(command, env={**os.environ, **extra, **(env or {})}, capture_output=True, text=True,
                             timeout=timeout)
     if check:
