@@ -288,8 +288,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         for flag in ("max_length", "max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-        if args.hcd_k < 1:
-            raise ValueError(f"--hcd_k must be >= 1, got {args.hcd_k}.")
+        if args.hcd_k < 1 or (args.hcd_num_stages is not None and args.hcd_num_stages < 1):
+            raise ValueError(f"--hcd_k and --hcd_num_stages must be >= 1, got {args.hcd_k}, {args.hcd_num_stages}.")
+        if not 0.0 <= args.hkt_lambda <= 1.0:
+            raise ValueError(f"--hkt_lambda (a mixing weight) must lie in [0, 1], got {args.hkt_lambda}.")
+        if not (args.hcd_lambda >= 0 and args.hcd_beta >= 0 and -1.0 <= args.hcd_theta < 1.0):
+            raise ValueError(f"--hcd_lambda and --hcd_beta must be >= 0 and --hcd_theta (a cosine margin) in [-1, 1), "
+                             f"got {args.hcd_lambda}, {args.hcd_beta}, {args.hcd_theta}.")
     except ValueError as err:
         parser.error(str(err))
     if args.push_to_hub and args.hub_model_id is None:
