@@ -22,6 +22,8 @@ FORMAT_VERSION = 1
 
 # Set by `InherModel.from_pretrained(..., use_safetensors=False)`: the one explicit way to read a pickle.
 ALLOW_PICKLE = contextvars.ContextVar("inhernet_allow_pickle", default=False)
+# Set by `InherModel.from_pretrained(..., key_mapping=...)`: transformers does not pass it to quantizers.
+KEY_MAPPING = contextvars.ContextVar("inhernet_key_mapping", default=None)
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -97,15 +99,15 @@ def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     (the legacy layouts that LLaVA, Qwen2-VL or ViT checkpoints are saved in; a base-model prefix added or
     stripped when a checkpoint of another head is loaded)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
-    transforms = get_model_conversion_mapping(model)
+    transforms = get_model_conversion_mapping(model, key_mapping=KEY_MAPPING.get())
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     prefix = getattr(model, "base_model_prefix", None)
     meta = model.state_dict()  # the skeleton's parameters are on the meta device: no data
     names = {}
-    for key in keys:
+    for key in sorted(keys, key=dot_natural_key):  # transformers' order: some renamings depend on it
         renamed, _ = rename_source_key(key, renamings, converters, prefix, meta)
         if renamed not in meta and key in meta:  # transformers' own fallback: the key needed no renaming
             renamed, _ = rename_source_key(key, [], [], prefix, meta)
@@ -153,4 +155,6 @@ def check_checkpoint(model: nn.Module, checkpoint_files: list[str]) -> None:
                 problems.append(f"extra tensor {key} {shape} not in the inherited layer {name}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... ({len(problems)} in all)" if len(problems) > 20 else "")
-        raise ValueError(f"The checkpoint does not match the inheritance recorded in config.json:\n  {shown}")
+        raise ValueError(f"The checkpoint does not match the inheritance recorded in config.json:\n  {shown}\n"
+                         f"(A checkpoint whose keys need a key_mapping loads with InherModel.from_pretrained(..., "
+                         f"key_mapping=...): transformers does not pass key_mapping on to the check.)")

@@ -20,7 +20,7 @@ from .calibration import block_grams, output_sensitivity, prepare_calibration
 from .card import model_card
 from .config import InherConfig
 from .factor import spectrum
-from .integration import ALLOW_PICKLE, QUANT_METHOD, InherHfQuantizer, InherQuantizationConfig
+from .integration import ALLOW_PICKLE, KEY_MAPPING, QUANT_METHOD, InherHfQuantizer, InherQuantizationConfig
 from .layer import InherLinear
 from .report import InherReport, LayerRecord, dense_param_count
 from .targets import dense_weight, find_targets, is_replaceable, matches
@@ -227,30 +227,32 @@ def attach_description(model: PreTrainedModel, config: InherConfig, report: Inhe
 
 def rename_layers_for(model: nn.Module, layers: list[dict]) -> list[dict]:
     """The recorded layers under `model`'s module names. Like transformers' own loading, a checkpoint saved with a
-    task head loads into its base model (the `base_model_prefix` is dropped) or under another head, leaving out the
-    saved head's own layers (with a warning, as transformers reports their unused weights), and one saved as the
-    base model loads under a head (the prefix is added)."""
+    task head loads into its base model (the `base_model_prefix` is dropped) or under another head, and one saved as
+    the base model loads under a head (the prefix is added). Layers that a model of another class than the saved one
+    does not have (the saved head's own, or a pooler the other head omits) are left out with a warning, as
+    transformers reports their unused weights; in the saved class itself, a missing layer is an error later."""
     prefix = getattr(model, "base_model_prefix", "")
     names = dict(model.named_modules())
-    if not prefix or all(spec["name"] in names for spec in layers):
+    if all(spec["name"] in names for spec in layers):
         return layers
-    saved_with_head = any(spec["name"].startswith(prefix + ".") for spec in layers)
+    saved_with_head = bool(prefix) and any(spec["name"].startswith(prefix + ".") for spec in layers)
+    saved_class = type(model).__name__ in (getattr(getattr(model, "config", None), "architectures", None) or [])
     renamed, dropped = [], []
     for spec in layers:
         name = spec["name"]
-        if name in names:
+        if name in names or not prefix:
             pass
-        elif saved_with_head and not name.startswith(prefix + "."):
-            dropped.append(name)  # the saved head's own layer (lm_head, classifier): this model has another or none
-            continue
-        elif saved_with_head and prefix not in names:  # a head model's layers, loaded as the base model
+        elif saved_with_head and name.startswith(prefix + ".") and prefix not in names:  # loaded as the base model
             name = name[len(prefix) + 1:]
         elif not saved_with_head and prefix in names:  # a base model's layers, under a head
             name = f"{prefix}.{name}"
+        if name not in names and not saved_class:
+            dropped.append(spec["name"])
+            continue
         renamed.append({**spec, "name": name})
     if dropped:
-        logger.warning("Inherited layers %s belong to the saved model's head, which %s does not have; their weights "
-                       "are not loaded.", dropped, type(model).__name__)
+        logger.warning("Inherited layers %s of the saved model are not part of %s; their weights are not loaded.",
+                       dropped, type(model).__name__)
     return renamed
 
 
@@ -380,7 +382,7 @@ class InherModel(nn.Module):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, model_name=repo_id.split("/")[-1], **save_kwargs)
+            self.save_pretrained(folder, **{"model_name": repo_id.split("/")[-1], **save_kwargs})
             return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload inherited model (inhernet_hf)")
 
@@ -414,11 +416,13 @@ class InherModel(nn.Module):
                              f"use get_inher_model(model, InherConfig(...)).")
         model_class = model_class or model_class_for(config)
         token_var = ALLOW_PICKLE.set(not use_safetensors)
+        mapping_var = KEY_MAPPING.set(kwargs.get("key_mapping"))
         try:
             model = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, revision=revision,
                                                 dtype=dtype, device_map=device_map, token=token,
                                                 use_safetensors=use_safetensors or None, **kwargs)
         finally:
             ALLOW_PICKLE.reset(token_var)
+            KEY_MAPPING.reset(mapping_var)
         description = model.config.quantization_config
         return cls(model, InherConfig.from_dict(description.inher_config), report_from_description(model, description))

@@ -96,6 +96,45 @@ def test_checkpoint_loads_into_base_model_and_under_a_head(tmp_path):
         assert torch.equal(headed.model(input_ids=IDS).last_hidden_state, hidden)
 
 
+def test_a_layer_the_loading_class_lacks_is_left_out(tmp_path, caplog):
+    """BERT's pooler exists in the sequence classifier, not in the masked LM: its inherited layer is left out with
+    a warning (transformers reports the unused weights), while in the saved class a missing layer stays an error."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=2)
+    torch.manual_seed(0)
+    model = get_inher_model(BertForSequenceClassification(config).eval(),
+                            InherConfig(r=4, target_modules=["query", "dense"]), progressbar=False)
+    assert isinstance(model.base_model.bert.pooler.dense, InherLinear)
+    model.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="inhernet_hf.model"):
+        masked = BertForMaskedLM.from_pretrained(tmp_path).eval()
+    assert "['bert.pooler.dense'] of the saved model are not part of BertForMaskedLM" in caplog.text
+    assert isinstance(masked.bert.encoder.layer[1].output.dense, InherLinear)
+    ids = torch.tensor([[2, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(masked.bert(input_ids=ids).last_hidden_state,
+                           model.base_model.bert(input_ids=ids).last_hidden_state)
+
+
+def test_key_mapping_reaches_the_checkpoint_check(saved, tmp_path):
+    """A checkpoint whose keys need transformers' `key_mapping` (here 'model.' renamed 'enc.') loads through
+    InherModel.from_pretrained(key_mapping=...); the transformers class, which does not pass the mapping to the
+    check, says where to pass it."""
+    folder, logits = saved
+    shutil.copytree(folder, tmp_path / "renamed")
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k.replace("model.", "enc.", 1): v for k, v in weights.items()},
+              str(tmp_path / "renamed" / "model.safetensors"), metadata={"format": "pt"})
+    mapping = {r"^enc\.": "model."}
+    loaded = InherModel.from_pretrained(tmp_path / "renamed", key_mapping=mapping)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, logits)
+    with pytest.raises(ValueError, match=r"InherModel.from_pretrained\(\.\.\., key_mapping=\.\.\.\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "renamed", key_mapping=mapping)
+
+
 def test_loaded_model_trains_and_takes_dtype_and_device_map(saved):
     folder, _ = saved
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
