@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -314,6 +314,22 @@ def inherit_model(model: nn.Module, inher_config: InherConfig, calibration_loade
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Distributed setups whose engine steps, shards or accumulates on its own: train() does not drive them.
+UNSUPPORTED_DISTRIBUTED = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM)
+
+
+def check_accelerator(accelerator: Accelerator) -> None:
+    """`train` drives one process or DDP and accumulates gradients itself: refuse anything else up front."""
+    if accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED:
+        raise ValueError(f"accelerate is configured for {accelerator.distributed_type.value}; the recipes' loop "
+                         f"(item-weighted gradient accumulation, gradient clipping over the optimizer's parameters) "
+                         f"is written for one process or DDP (--multi_gpu, or several CPU processes over gloo).")
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError(f"The Accelerator accumulates over {accelerator.gradient_accumulation_steps} steps (an "
+                         f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS variable?); the loop accumulates itself "
+                         f"(--gradient_accumulation_steps): unset it.")
+
+
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
     """Accelerator with trackers (when --with_tracking) under --output_dir and a seedable sampler: the shuffled
     order of epoch e depends only on (seed, e), which is what makes resumption exact. Gradient accumulation is
@@ -323,6 +339,7 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    check_accelerator(accelerator)
     if args.with_tracking and not accelerator.log_with:  # accelerate drops uninstalled trackers with a debug log
         raise TrackingError(f"--with_tracking --report_to {args.report_to}: none of these trackers is installed "
                             f"(e.g. pip install tensorboard), so nothing would be logged.")
@@ -756,7 +773,10 @@ def train(
     (`count_items(batch)`: examples, or a causal LM's target tokens); each micro-batch's loss is weighted by its
     share of the items of the whole window on all processes, so a step's gradient is that of the mean over every
     item of the window, as with one large batch: micro-batches of different sizes or answer lengths, a short last
-    window and uneven processes count each item once. Gradients are synchronised only on a window's last
+    window and uneven processes count each item once. Every micro-batch must hold at least one item (a mean over
+    none is NaN and stops the run). Terms that average over other units (`--kd_hidden_weight`'s, over all tokens)
+    are weighted the same way, so for them the step is close to, not exactly, one large batch. Gradients are
+    synchronised only on a window's last
     micro-batch, clipped (`max_grad_norm`, every parameter the optimizer updates), and the optimizer and
     scheduler step.
     Every `checkpointing_steps` optimizer steps (or at each epoch end for 'epoch') the full state is saved
@@ -769,9 +789,7 @@ def train(
     at the end if no evaluation describes the final weights yet; its metrics are logged with an 'eval_' prefix and
     listed in `TrainResult.eval_history`.
     """
-    if accelerator.gradient_accumulation_steps != 1:
-        raise ValueError("train() accumulates gradients itself (plan.gradient_accumulation_steps); build the "
-                         "Accelerator without gradient_accumulation_steps (build_accelerator does).")
+    check_accelerator(accelerator)
     output_dir = Path(output_dir)
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
     resumed_from = last_checkpoint = None
@@ -832,9 +850,6 @@ def train(
         this process. Non-finite values stop every process together, before the weights change."""
         counts = [count_items(batch) for batch in window]
         total = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum").item()
-        if total == 0:
-            raise ValueError(f"The micro-batches of optimizer step {completed_steps + 1} hold no item to learn from "
-                             f"(count_items gave 0 on every process).")
         window_loss, window_logs = 0.0, {}
         for index, (batch, count) in enumerate(zip(window, counts)):
             sync = index == len(window) - 1  # DDP all-reduces the gradients once per window

@@ -87,10 +87,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def launcher_num_processes(parser: argparse.ArgumentParser, launcher: str) -> int:
-    """The number of processes `launcher` starts: its --num_processes (accelerate launch's flag), 1 without it."""
+    """The number of processes `launcher` starts: its --num_processes (accelerate launch's flag, either spelling),
+    1 without it; with a --config_file, which may set another count, the flag is required."""
     reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    reader.add_argument("--num_processes", default="1")
-    value = reader.parse_known_args(shlex.split(launcher))[0].num_processes
+    reader.add_argument("--num_processes", "--num-processes", default=None)
+    reader.add_argument("--config_file", "--config-file", default=None)
+    known = reader.parse_known_args(shlex.split(launcher))[0]
+    if known.config_file is not None and known.num_processes is None:
+        parser.error("--launcher: with --config_file, also give --num_processes N: the step count and the 25% "
+                     "evaluation point are computed for it.")
+    value = known.num_processes or "1"
     if not value.isdigit() or int(value) < 1:
         parser.error(f"--launcher: --num_processes must be an integer >= 1, got {value!r}.")
     return int(value)

@@ -236,6 +236,8 @@ COMPARE = ["--teacher_name_or_path", "t", "--output_dir", "o"]
     (["--task_name", "sst2", "--target_ratio", "1.5"], "--target_ratio must lie in (0, 1], got 1.5"),
     (["--task_name", "sst2", "--launcher", "accelerate launch --num_processes two"],
      "--launcher: --num_processes must be an integer >= 1, got 'two'"),
+    (["--task_name", "sst2", "--launcher", "accelerate launch --config_file c.yaml --num_machines 1"],
+     "--launcher: with --config_file, also give --num_processes N"),
 ])
 def test_compare_refuses_bad_arguments_before_any_run(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -258,8 +260,8 @@ def test_compare_counts_steps_for_the_launchers_processes():
     compare = load_recipe_file("compare")
     processes = {launcher: compare.parse_args(["--task_name", "sst2", "--launcher", launcher, *COMPARE]).num_processes
                  for launcher in ("accelerate launch --num_processes 2 --cpu", "accelerate launch --num_processes=3",
-                                  "python")}
-    assert list(processes.values()) == [2, 3, 1]
+                                  "python", "accelerate launch --num-processes 4 --config-file c.yaml")}
+    assert list(processes.values()) == [2, 3, 1, 4]
     batches = BatchSamplerShard(BatchSampler(range(65), 16, drop_last=False), num_processes=2, process_index=0)
     assert compare.steps_per_run(65, 16, num_epochs=2, num_processes=2) == 2 * len(batches) == 6
     assert compare.steps_per_run(65, 16, num_epochs=2, num_processes=1) == 10

@@ -12,11 +12,13 @@ from __future__ import annotations
 import sys
 from argparse import Namespace
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
-NUM_EXAMPLES, LENGTH, WIDTH = 6, 5, 4
+LENGTH, WIDTH = 5, 4
 
 
 def toy_data() -> list[dict[str, torch.Tensor]]:
@@ -78,6 +80,23 @@ def test_two_processes_equal_one_process(tmp_path):
     weights = torch.load(tmp_path / "two.pt")
     for key, value in reference.items():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("setup, message", [
+    ({"distributed_type": "FSDP"}, "accelerate is configured for FSDP"),
+    ({"distributed_type": "DEEPSPEED"}, "accelerate is configured for DEEPSPEED"),
+    ({"gradient_accumulation_steps": 4}, "The Accelerator accumulates over 4 steps"),
+])
+def test_setups_the_loop_does_not_drive_are_refused(setup, message):
+    from accelerate.utils import DistributedType
+
+    from inhernet_hf.training import check_accelerator
+
+    fields = {"distributed_type": "MULTI_CPU", "gradient_accumulation_steps": 1, **setup}
+    accelerator = SimpleNamespace(**{**fields, "distributed_type": DistributedType(fields["distributed_type"])})
+    with pytest.raises(ValueError, match=message):
+        check_accelerator(accelerator)
+    check_accelerator(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, gradient_accumulation_steps=1))
 
 
 if __name__ == "__main__":
