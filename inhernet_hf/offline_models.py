@@ -27,4 +27,6 @@ def smollm2_path() -> tuple[str, str]:
 
 def model_or_smollm2(model_name_or_path: Optional[str], gguf_file: Optional[str]) -> tuple[str, Optional[str]]:
     """(model_name_or_path, gguf_file) as given, or SmolLM2's when no model is given (the recipes' default)."""
+    if gguf_file is not None and not model_name_or_path:
+        raise ValueError(f"--gguf_file {gguf_file} needs --model_name_or_path, the folder or Hub id that holds it.")
     return (model_name_or_path, gguf_file) if model_name_or_path else smollm2_path()

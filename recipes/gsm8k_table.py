@@ -50,7 +50,10 @@ def main() -> None:
     add_launch_args(parser)
     args = parser.parse_args()
     check_table_args(parser, args)
-    model, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
+    try:
+        model, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
+    except ValueError as err:
+        parser.error(str(err))
     root = Path(args.output_root)
     common = ["--model_name_or_path", model, "--per_device_train_batch_size", str(args.per_device_train_batch_size),
               "--per_device_eval_batch_size", "8", "--num_train_epochs", str(args.num_train_epochs),

@@ -1,4 +1,4 @@
-"""Peak memory of loading an inherited checkpoint: proof that no dense target weight is ever allocated.
+"""Peak memory of loading an inherited checkpoint: no dense copy of the targets is held while it loads.
 
     python recipes/load_memory.py [--model_name_or_path ID --gguf_file F] [--target_ratio 0.5] [--output_json F]
 
@@ -7,7 +7,10 @@ model and, for reference, the dense model as safetensors, then loads each in a f
 process's peak RSS (VmHWM) before and after `from_pretrained`, and after reading every tensor once (safetensors
 are memory-mapped, so untouched tensors are not resident yet). The check: that final peak stays below 1.3 x the
 model's tensor bytes plus the interpreter baseline (imports done, nothing loaded). A dense copy of the targets
-would add their float32 size (405 MiB for SmolLM2) on top.
+would add their float32 size (405 MiB for SmolLM2) on top. A peak cannot exclude a dense target built and freed one
+at a time (3.4 MiB each for SmolLM2); that no dense weight is built is shown by the loader's code (meta-device
+skeletons) and by tests/test_save_load.py, not by this measurement. The run exits with status 1 if a row is
+above the bound.
 """
 
 import argparse
@@ -51,8 +54,10 @@ print(json.dumps({{"baseline": baseline, "peak_load": peak_load, "peak": peak, "
 
 def measure(folder: str, loader: str) -> dict:
     script = textwrap.dedent(MEASURE.format(loader=LOADERS[loader]))
-    out = subprocess.run([sys.executable, "-c", script, folder], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", script, folder], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+    if out.returncode != 0:
+        raise RuntimeError(f"Measuring {loader} on {folder} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -64,7 +69,10 @@ def main() -> None:
     parser.add_argument("--num_heads", type=int, default=2)
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args()
-    path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
+    try:
+        path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
+    except ValueError as err:
+        parser.error(str(err))
 
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -94,7 +102,10 @@ def main() -> None:
               f"{'yes' if r['within_1.3x'] else 'NO'} |")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"model": path, "target_ratio": args.target_ratio, "rows": rows}, f, indent=2)
+            json.dump({"model": path, "target_ratio": args.target_ratio, "num_heads": args.num_heads, "rows": rows},
+                      f, indent=2)
+    if not all(r["within_1.3x"] for r in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
     python recipes/speed.py --device cuda --dtype bfloat16 --compile both
 
 The variants (target_ratio x num_heads) are built one at a time and held in memory only next to dense (a grid of
-copies would not fit for larger models). For every measurement, each repetition times dense and the variant back to
-back (dense first in even repetitions, second in odd ones), and each figure is the median over repetitions of dense's
-time divided by the variant's in the same pair; dense's own times are the median over all its pairs.
+copies would not fit for larger models). For every measurement, each repetition times dense, the variant, the variant
+and dense back to back (ABBA: each model runs once first and once second, and a steady drift cancels), and each figure
+is the median over repetitions of dense's mean time divided by the variant's; dense's own times are the median over
+all its repetitions.
 Prefill: a forward pass over `--prefill_batch_sizes` x `--seq_len` tokens. Decode (causal LMs): greedy tokens/s at
 batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N; compiled, decode runs generate()'s own compiled
 decoding step over a static cache (on CPU too). "FLOP bound" is dense FLOPs / inherited FLOPs of one prefill
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, mm_flop, sdpa_flop_count
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig
 
@@ -124,12 +125,19 @@ def attention_flop_formula(is_causal_arg: int):
     return flops
 
 
-ATTENTION_FLOP_FORMULAS = {op: attention_flop_formula(arg) for op, arg in SDPA_IS_CAUSAL_ARG.items()}
+def addmm_inplace_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    """torch's counter knows addmm, not the in-place addmm_ (InherLinear adds its head biases g @ B with it)."""
+    return mm_flop(a_shape, b_shape)
+
+
+FLOP_FORMULAS = {**{op: attention_flop_formula(arg) for op, arg in SDPA_IS_CAUSAL_ARG.items()},
+                 torch.ops.aten.addmm_: addmm_inplace_flops}
 
 
 def forward_flops(forward) -> int:
-    """FLOPs of `forward()` (a no-argument callable), attention counted by `attention_flop_formula`."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS) as counter:
+    """FLOPs of `forward()` (a no-argument callable): its matmuls, attention counted by `attention_flop_formula`
+    (elementwise work such as the gate's softmax and g (x) h is not counted, in dense as in inherited models)."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         forward()
     return counter.get_total_flops()
 
@@ -159,15 +167,15 @@ def timing_measure(runners: dict, models: dict, batches: dict, prompt: torch.Ten
 
 
 def paired_timings(measure, name: str, keys: list, repeats: int) -> dict:
-    """Variant `name` timed right next to dense: in every repetition and for every key, `measure("dense", key)` and
-    `measure(name, key)` run back to back, dense first in even repetitions and second in odd ones (a steady drift
-    of the machine's speed cancels). Returns {key: [(dense seconds, variant seconds), ...]}."""
+    """Variant `name` timed right next to dense: in every repetition and for every key, dense, the variant, the
+    variant again and dense again run back to back (ABBA), and the repetition's pair is the mean time of each. Both
+    models run once first and once second of a back-to-back pair, and a steady drift of the machine's speed
+    cancels, in every repetition and so for any number of them. Returns {key: [(dense s, variant s), ...]}."""
     pairs = {key: [] for key in keys}
-    for repetition in tqdm(range(repeats), desc="Repetitions"):
+    for _ in tqdm(range(repeats), desc="Repetitions"):
         for key in keys:
-            order = ["dense", name] if repetition % 2 == 0 else [name, "dense"]
-            seconds = {who: measure(who, key) for who in order}
-            pairs[key].append((seconds["dense"], seconds[name]))
+            seconds = [measure(who, key) for who in ("dense", name, name, "dense")]
+            pairs[key].append(((seconds[0] + seconds[3]) / 2, (seconds[1] + seconds[2]) / 2))
     return pairs
 
 

@@ -61,6 +61,9 @@ def token_splits(tokenizer, data_dir, calib_samples, calib_len, eval_len, max_wi
         pool, eval_ids = tokenizer(calib_text, return_tensors="pt").input_ids[0], ids
     calibration = sample_windows(pool, calib_samples, calib_len, seed)
     n_windows = len(eval_ids) // eval_len
+    if n_windows == 0:
+        raise ValueError(f"The evaluation text has {len(eval_ids):,} tokens, fewer than one --eval_seq_len window of "
+                         f"{eval_len}; lower --eval_seq_len.")
     picks = torch.linspace(0, n_windows - 1, min(max_windows, n_windows)).round().long().unique()
     windows = torch.stack([eval_ids[i * eval_len:(i + 1) * eval_len] for i in picks.tolist()])
     note += f"; {len(pool):,} calibration-pool tokens, {len(eval_ids):,} eval tokens of which {windows.numel():,} used"
@@ -107,7 +110,10 @@ def main() -> None:
                    for ratio in args.ratios for init in args.inits for allocation in args.allocations]
     except (TypeError, ValueError) as err:
         parser.error(str(err))
-    path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
+    try:
+        path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
+    except ValueError as err:
+        parser.error(str(err))
 
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     dense = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)

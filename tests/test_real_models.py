@@ -153,3 +153,10 @@ def test_smollm2_round_trip_with_generation(smollm2, tmp_path):
     inherited = get_inher_model(model, InherConfig(target_ratio=0.5, num_heads=2, task_type="CAUSAL_LM"),
                                 progressbar=False)
     assert_round_trip(inherited, AutoModelForCausalLM, batch, tmp_path / "smollm2", generate=True)
+
+
+def test_a_gguf_file_without_its_model_is_refused():
+    from inhernet_hf.offline_models import model_or_smollm2
+
+    with pytest.raises(ValueError, match="--gguf_file other.gguf needs --model_name_or_path"):
+        model_or_smollm2(None, "other.gguf")
