@@ -105,6 +105,10 @@ def genetic_mixture(child: torch.Tensor, parent: torch.Tensor, lam: float) -> to
 def hkt_loss(child_feature: torch.Tensor, parent_feature: torch.Tensor, child_head: Callable, parent_head: Callable,
              labels: torch.Tensor, lam: float = 0.6) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CE(child_head(q)) + CE(child_head(mix)) + CE(parent_head(mix)); the parent feature is a constant."""
+    if child_feature.shape[-1] != parent_feature.shape[-1]:
+        raise ValueError(f"HKT mixes the student's and the teacher's head inputs, so they need one width: got "
+                         f"{child_feature.shape[-1]} and {parent_feature.shape[-1]}. For a teacher of another width "
+                         f"use HCD.")
     mix = genetic_mixture(child_feature, parent_feature.detach(), lam)
     child_ce = F.cross_entropy(child_head(child_feature).float(), labels)
     mix_child_ce = F.cross_entropy(child_head(mix).float(), labels)

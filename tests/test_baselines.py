@@ -42,6 +42,8 @@ def test_genetic_mixture_and_hkt_loss_hand_computed():
     assert logs["mix_child_ce"].item() == pytest.approx(softplus(-0.4), rel=1e-6)
     assert logs["mix_parent_ce"].item() == pytest.approx(softplus(0.4), rel=1e-6)
     assert loss.item() == pytest.approx(softplus(-1.0) + softplus(-0.4) + softplus(0.4), rel=1e-6)
+    with pytest.raises(ValueError, match="need one width: got 2 and 3. For a teacher of another width use HCD"):
+        hkt_loss(q, torch.ones(1, 3), child_head, parent_head, torch.tensor([0]))
 
 
 # ------------------------------------------------------------------------------------------------------------------
