@@ -362,8 +362,8 @@ class InherModel(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         description = self.config.quantization_config
-        card = model_card(model_name or Path(save_directory).name, description.base_model_name_or_path, description.inher_config,
-                          self._report, eval_results, eval_dataset)
+        card = model_card(model_name or Path(save_directory).name, description.base_model_name_or_path,
+                          description.inher_config, self._report, eval_results, eval_dataset)
         card.save(Path(save_directory) / "README.md")
 
     def push_to_hub(

@@ -776,9 +776,8 @@ def train(
     window and uneven processes count each item once. Every micro-batch must hold at least one item (a mean over
     none is NaN and stops the run). Terms that average over other units (`--kd_hidden_weight`'s, over all tokens)
     are weighted the same way, so for them the step is close to, not exactly, one large batch. Gradients are
-    synchronised only on a window's last
-    micro-batch, clipped (`max_grad_norm`, every parameter the optimizer updates), and the optimizer and
-    scheduler step.
+    synchronised only on a window's last micro-batch, clipped (`max_grad_norm`, every parameter the optimizer
+    updates), and the optimizer and scheduler step.
     Every `checkpointing_steps` optimizer steps (or at each epoch end for 'epoch') the full state is saved
     atomically with `save_checkpoint`. `resume_from_checkpoint` (a folder from `resolve_checkpoint`) restores model,
     optimizer, scheduler, scaler and RNG states (`accelerator.load_state`) and the data position: the epoch's
@@ -879,7 +878,7 @@ def train(
     eval_metrics: dict[str, float] = {}
     eval_history: list[dict[str, Any]] = []
     eval_step = None
-    loss_sum, loss_count, steps_this_run = 0.0, 0, 0
+    loss_sum, steps_this_run = 0.0, 0  # loss_sum: of this run's window losses
     start = time.perf_counter()
     epoch = starting_epoch
     try:
@@ -893,7 +892,6 @@ def train(
                 step_loss, logs = optimizer_step(window, epoch)
                 batches_done += len(window)
                 loss_sum += step_loss
-                loss_count += 1
                 completed_steps += 1
                 steps_this_run += 1
                 progress.update(1)
@@ -926,7 +924,7 @@ def train(
     if eval_fn is not None and eval_step != completed_steps:
         eval_metrics = run_eval(epoch)
     epochs_done = completed_steps / plan.num_update_steps_per_epoch if plan.num_update_steps_per_epoch else 0.0
-    return TrainResult(completed_steps, round(epochs_done, 4), loss_sum / loss_count if loss_count else None, runtime,
+    return TrainResult(completed_steps, round(epochs_done, 4), loss_sum / steps_this_run if steps_this_run else None, runtime,
                        steps_this_run, eval_metrics=eval_metrics, eval_history=eval_history,
                        resumed_from=resumed_from, last_checkpoint=last_checkpoint)
 

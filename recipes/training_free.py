@@ -104,15 +104,12 @@ def main() -> None:
     parser.add_argument("--output_json", default=None,
                         help="Write the rows here, rewritten after every row ('complete': false until the end).")
     args = parser.parse_args()
-    try:  # every configuration is checked before the model loads
+    try:  # every configuration, and the model's location, is checked before the model loads
         configs = [InherConfig(target_ratio=ratio, num_heads=args.num_heads, init=init, rank_allocation=allocation,
                                calibration_damping=args.calibration_damping)
                    for ratio in args.ratios for init in args.inits for allocation in args.allocations]
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))
-    try:
         path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         parser.error(str(err))
 
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
