@@ -189,7 +189,7 @@ def test_paired_timings_run_dense_variant_variant_dense():
 def test_running_second_costs_both_models_the_same(repeats):
     """Two identical models, where the second run of every back-to-back pair is 5% slower (a cache or allocator
     effect): the speedup is exactly 1 for any number of repeats. With dense first in even repetitions only, an odd
-    count made it 0.964 (3 repeats) or 0.966 (5)."""
+    count made it 0.952 (3 or 5 repeats)."""
     from recipes import load_recipe
 
     speed = load_recipe("speed")
