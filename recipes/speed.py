@@ -14,16 +14,14 @@ batch 1 with KV cache, (time of N+1 new tokens - time of 1) / N; compiled, decod
 decoding step over a static cache (on CPU too). "FLOP bound" is dense FLOPs / inherited FLOPs of one prefill
 forward (torch.utils.flop_counter; attention counted over the (query, key) pairs it computes, the causal triangle
 when causal, the CPU flash kernel included), the speedup a perfect implementation would reach; "of bound" is the
-measured prefill speedup divided by it. Peak memory: the model's weights plus the growth, during one prefill forward, of
-CUDA's allocated memory or on CPU of the resident set (VmHWM, reset through /proc/self/clear_refs); not valid under an
-allocator that keeps freed pages (tcmalloc, jemalloc), where that growth stays near zero.
+measured prefill speedup divided by it. Peak memory (CUDA only): the model's weights plus the growth of CUDA's
+allocated memory during one prefill forward; on CPU, recipes/memory.py measures it in fresh interpreters.
 """
 
 import argparse
 import copy
 import gc
 import json
-import re
 import statistics
 import time
 from functools import partial
@@ -64,24 +62,19 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def _vm(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def peak_memory(model, batch: torch.Tensor, device: str) -> int:
-    """Bytes of peak memory while running one forward: the model's weights plus the growth of memory during the
-    forward (so the other model held next to it, dense or a variant, is not counted)."""
+def peak_memory(model, batch: torch.Tensor, device: str) -> Optional[int]:
+    """Bytes of peak CUDA memory while running one forward: the model's weights plus the growth of allocated memory
+    during the forward (so the other model held next to it, dense or a variant, is not counted). None on CPU: there
+    the resident set's growth depends on the allocator's history in this process more than on the model;
+    recipes/memory.py measures each model in a fresh interpreter instead."""
+    if not device.startswith("cuda"):
+        return None
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad():
-        if device.startswith("cuda"):
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            model(input_ids=batch)
-            return weights + torch.cuda.max_memory_allocated() - before
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-        before = _vm("VmRSS")
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         model(input_ids=batch)
-        return weights + _vm("VmHWM") - before
+        return weights + torch.cuda.max_memory_allocated() - before
 
 
 def decode_compile_config(device: str) -> CompileConfig:
@@ -185,7 +178,7 @@ def table_rows(facts: dict, pairs: dict, memory: dict, keys: list[str]) -> list[
     rows = []
     for compiled, variants in pairs.items():
         for name in ["dense"] + list(variants):
-            row = {"variant": name, "compiled": compiled, **facts[name], "peak_memory_MiB": memory[compiled][name] / 2**20}
+            row = {"variant": name, "compiled": compiled, **facts[name], "peak_memory_MiB": None if memory[compiled][name] is None else memory[compiled][name] / 2**20}
             for key in keys:
                 if name == "dense":
                     dense_times = [d for variant in variants.values() for d, _ in variant[key]]
@@ -318,7 +311,7 @@ def main() -> None:
         biggest = f"prefill_b{max(batches)}_speedup"
         print(f"| {r['variant']} | {'yes' if r['compiled'] else 'no'} | {r['targeted_ratio']:.3f} | {r['params']:,} | "
               f"{r['flop_bound']:.2f}x | " + " | ".join(f"{r[k + '_speedup']:.2f}x" for k in keys) +
-              f" | {r[biggest] / r['flop_bound']:.2f} | {r['peak_memory_MiB']:.0f} |")
+              f" | {r[biggest] / r['flop_bound']:.2f} | {'—' if r['peak_memory_MiB'] is None else round(r['peak_memory_MiB'])} |")
     decode_ms = {r["variant"]: 1000 * r["decode_s"] for r in rows if "decode_s" in r}
     if decode_ms:
         print("decode ms/token:", {k: round(v, 2) for k, v in decode_ms.items()})
