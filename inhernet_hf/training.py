@@ -227,6 +227,10 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
                          f"remove {', '.join(unused)} (options of the inherited model).")
     if run_kind == "inherited" and args.inher_r is not None and args.inher_target_ratio is not None:
         raise ValueError("Give only one of --inher_r and --inher_target_ratio.")
+    calibrates = args.inher_init == "whitened" or args.inher_rank_allocation == "activation"
+    if run_kind == "inherited" and not calibrates and changed_flags(args, parser, ("inher_calibration_samples",)):
+        raise ValueError("--inher_calibration_samples is used only by --inher_init whitened or --inher_rank_allocation "
+                         "activation; remove it or choose one of those.")
     if run_kind == "teacher":
         unused = changed_flags(args, parser, KD_FLAGS)
         reason = "--no_inher trains the teacher without distillation"

@@ -53,7 +53,8 @@ CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<16-3-4=9>>" calc
 # A number: thousands groups with commas (1,234,567.5), or plain digits with an optional decimal part. A minus sign
 # counts only where it cannot be a hyphen or a range dash ("3-4 hours" is 3 and 4); a number starts at no digit,
 # word character, point or comma ("1,2345" is not 1,234 + 5; ".5" is not 5).
-NUMBER = re.compile(r"(?:(?<![\w.-])-)?(?<![\w.,])(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?")
+# The minus is an ASCII hyphen or U+2212 and may precede a dollar sign ("-$5").
+NUMBER = re.compile(r"(?:(?<![\w.\-\u2212])[-\u2212]\$?)?(?<![\w.,])(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,12 +68,13 @@ class Gsm8kRecipeError(ValueError):
 
 
 def normalize_number(text: str) -> Optional[str]:
-    """'1,234.50' -> '1234.5', '18.00' -> '18', '-3' -> '-3', '$7' -> '7'; None when `text` holds no number."""
+    """'1,234.50' -> '1234.5', '18.00' -> '18', '-3' -> '-3', '$7' -> '7', '-$5' -> '-5'; None when `text` holds no
+    number."""
     match = NUMBER.search(text)
     if match is None:
         return None
     try:
-        value = Decimal(match.group().replace(",", ""))
+        value = Decimal(match.group().replace(",", "").replace("$", "").replace("\u2212", "-"))
     except InvalidOperation:
         return None
     text = format(value.normalize(), "f")
@@ -138,10 +140,12 @@ def load_gsm8k(data_dir: Optional[str]) -> DatasetDict:
 
 
 class PromptFormatter:
-    """Question -> prompt token ids, and answer -> target token ids (ending with the end-of-turn/eos token).
+    """Question -> prompt token ids, and answer -> target token ids ending with `end_ids`.
 
-    'chat' renders one user turn with the tokenizer's chat template and the generation prompt; 'plain' fills
-    `template` (which must contain '{question}'); 'auto' is 'chat' when the tokenizer has a template."""
+    'chat' renders one user turn (after `system_prompt`) with the tokenizer's chat template and the generation
+    prompt, and ends answers with what the template writes after an assistant turn (its end-of-turn token, which
+    need not be the eos token); 'plain' fills `template` (which must contain '{question}') and ends answers with eos;
+    'auto' is 'chat' when the tokenizer has a template."""
 
     def __init__(self, tokenizer, prompt_format: str = "auto", template: str = DEFAULT_TEMPLATE,
                  system_prompt: Optional[str] = None, keep_calculator_annotations: bool = False) -> None:
@@ -152,20 +156,42 @@ class PromptFormatter:
             raise Gsm8kRecipeError("--prompt_format chat: this tokenizer has no chat template; use --prompt_format "
                                    "plain (with --prompt_template).")
         self.chat = prompt_format == "chat" or (prompt_format == "auto" and has_template)
+        if self.chat and template != DEFAULT_TEMPLATE:
+            raise Gsm8kRecipeError("--prompt_template is used only by the plain prompt format, and this run uses the "
+                                   "tokenizer's chat template; add --prompt_format plain or remove --prompt_template.")
+        if not self.chat and system_prompt is not None:
+            raise Gsm8kRecipeError("--system_prompt is a chat-template turn, unused by the plain prompt format; put "
+                                   "it in --prompt_template or remove it.")
         if not self.chat and "{question}" not in template:
             raise Gsm8kRecipeError(f"--prompt_template must contain '{{question}}', got {template!r}.")
         if tokenizer.eos_token_id is None:
             raise Gsm8kRecipeError("the tokenizer has no eos token: the answers could not be terminated.")
         self.tokenizer, self.template, self.system_prompt = tokenizer, template, system_prompt
         self.keep_calculator_annotations = keep_calculator_annotations
+        self.end_ids = self.end_of_turn_ids() if self.chat else [tokenizer.eos_token_id]
+        # generation stops at eos, and at a one-token end of turn
+        self.stop_ids = sorted({tokenizer.eos_token_id, *(self.end_ids if len(self.end_ids) == 1 else [])})
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
+        return system + [{"role": "user", "content": question}]
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The token ids the chat template writes right after an assistant turn's content (trailing whitespace
+        dropped): e.g. '<|im_end|>'; eos when the template writes nothing there."""
+        marker = "GSM8K_ANSWER_END_MARKER"
+        text = self.tokenizer.apply_chat_template(self.messages("q") + [{"role": "assistant", "content": marker}],
+                                                  tokenize=False)
+        if marker not in text:
+            raise Gsm8kRecipeError("the chat template does not render an assistant turn's content as given, so its "
+                                   "end-of-turn token cannot be found; use --prompt_format plain.")
+        end = text[text.index(marker) + len(marker):].rstrip()
+        return self.tokenizer(end, add_special_tokens=False)["input_ids"] if end else [self.tokenizer.eos_token_id]
 
     def prompt_text(self, question: str) -> str:
         if not self.chat:
             return self.template.format(question=question)
-        messages = [{"role": "user", "content": question}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(self.messages(question), tokenize=False, add_generation_prompt=True)
 
     def prompt_ids(self, question: str) -> list[int]:
         # The chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. BOS).
@@ -175,14 +201,16 @@ class PromptFormatter:
         if not self.keep_calculator_annotations:
             answer = CALCULATOR_ANNOTATION.sub("", answer)
         answer = answer if self.chat else " " + answer
-        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + self.end_ids
 
-    def encode(self, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
-        """input_ids = prompt + answer (truncated to `max_length`); labels = IGNORE_INDEX on the prompt."""
+    def encode(self, question: str, answer: str, max_length: int) -> dict[str, Any]:
+        """input_ids = prompt + answer (truncated to `max_length`); labels = IGNORE_INDEX on the prompt; truncated:
+        whether anything was cut."""
         prompt, target = self.prompt_ids(question), self.answer_ids(answer)
         input_ids = (prompt + target)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
-        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
+                "truncated": len(prompt) + len(target) > max_length}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,8 +241,10 @@ def answer_nll(accelerator, model, dataloader) -> dict[str, float]:
 
 def generate_answers(accelerator, model, tokenizer, formatter: PromptFormatter, questions: list[str],
                      references: list[str], batch_size: int, max_new_tokens: int) -> list[dict[str, Any]]:
-    """Greedy generation for every question, split between the processes (each example on exactly one), in
-    batches of similar prompt length with left padding; gathered on every process, in question order."""
+    """Greedy generation (one beam, no sampling; other settings of the model's generation_config, such as a
+    repetition_penalty, still apply) for every question, split between the processes (each example on exactly one),
+    in batches of similar prompt length with left padding, stopping at `formatter.stop_ids`; gathered on every
+    process, in question order."""
     model = accelerator.unwrap_model(model)
     model.eval()
     prompts = [formatter.prompt_ids(q) for q in questions]
@@ -226,8 +256,8 @@ def generate_answers(accelerator, model, tokenizer, formatter: PromptFormatter, 
             inputs = tokenizer.pad({"input_ids": [prompts[i] for i in indices]}, padding=True, return_tensors="pt",
                                    padding_side="left").to(accelerator.device)
             with torch.no_grad():
-                output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=formatter.stop_ids)
             texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, text in zip(indices, texts):
                 prediction, reference = extract_answer(text), extract_answer(references[i])
@@ -371,14 +401,16 @@ def run(args: argparse.Namespace) -> dict:
 
     def preprocess(examples):
         encoded = [formatter.encode(q, a, args.max_length) for q, a in zip(examples["question"], examples["answer"])]
-        return {key: [e[key] for e in encoded] for key in ("input_ids", "attention_mask", "labels")}
+        return {key: [e[key] for e in encoded] for key in ("input_ids", "attention_mask", "labels", "truncated")}
 
     with accelerator.main_process_first():
         processed = raw.map(preprocess, batched=True, remove_columns=["question", "answer"], desc="Tokenizing")
-    truncated = sum(len(ids) >= args.max_length for ids in processed["train"]["input_ids"])
-    if truncated:
-        accelerator.print(f"warning: {truncated} training example(s) reach --max_length {args.max_length} and are "
-                          f"truncated (their answers lose their end).")
+    for split, effect in (("train", "not learnt"), ("test", "not scored by the answer NLL")):
+        truncated = sum(processed[split]["truncated"])
+        if truncated:
+            accelerator.print(f"warning: {truncated} {split} example(s) are longer than --max_length "
+                              f"{args.max_length} and are cut: the end of their answers is {effect}.")
+    processed = processed.remove_columns("truncated")
     for split in ("train", "test"):  # a prompt that fills --max_length leaves no answer token to learn or score
         before = len(processed[split])
         processed[split] = processed[split].filter(lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]))
@@ -429,6 +461,8 @@ def run(args: argparse.Namespace) -> dict:
     metrics["generation_samples"] = len(records)
     accelerator.print(f"exact match {metrics['exact_match']:.4f} on {len(records)} test questions "
                       f"({generation_time:.0f} s)")
+    if args.with_tracking and records:
+        accelerator.log({"eval_exact_match": metrics["exact_match"]}, step=result.completed_steps)
     if accelerator.is_main_process:
         with open(Path(args.output_dir) / "predictions.jsonl", "w", encoding="utf-8") as f:
             for record in records:

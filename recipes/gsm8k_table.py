@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--inher_learning_rate", type=float, default=1e-4)
     parser.add_argument("--target_ratios", type=float, nargs="+", default=[0.8, 0.6])
     parser.add_argument("--num_heads", type=int, default=2)
-    parser.add_argument("--calibration_samples", type=int, default=64)
+    parser.add_argument("--calibration_samples", type=int, default=64,
+                        help="--inher_calibration_samples of the InherNet runs (whitened init or activation ranks).")
     add_init_args(parser, default_init="whitened")
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=1.0)
@@ -50,6 +51,9 @@ def main() -> None:
     add_launch_args(parser)
     args = parser.parse_args()
     check_table_args(parser, args)
+    calibrates = args.init == "whitened" or args.rank_allocation == "activation"
+    if not calibrates and args.calibration_samples != parser.get_default("calibration_samples"):
+        parser.error("--calibration_samples is used only with --init whitened or --rank_allocation activation.")
     try:
         model, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
     except ValueError as err:
@@ -62,11 +66,11 @@ def main() -> None:
         value = gguf if flag == "gguf_file" else getattr(args, flag)
         if value is not None:
             common += [f"--{flag}", str(value)]
+    calibration = ["--inher_calibration_samples", str(args.calibration_samples)] if calibrates else []
     runs = {"dense fine-tune": (root / "dense", ["--no_inher", "--learning_rate", str(args.dense_learning_rate)])}
     for ratio in args.target_ratios:
-        inher = ["--inher_target_ratio", str(ratio), "--inher_num_heads", str(args.num_heads)] + init_flags(args) + [
-                 "--inher_calibration_samples", str(args.calibration_samples),
-                 "--learning_rate", str(args.inher_learning_rate)]
+        inher = (["--inher_target_ratio", str(ratio), "--inher_num_heads", str(args.num_heads)] + init_flags(args) +
+                 calibration + ["--learning_rate", str(args.inher_learning_rate)])
         runs[f"InherNet {ratio}"] = (root / f"inher_{ratio}", inher + ["--kd_alpha", "0"])
         kd = ["--kd_alpha", str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature)]
         if args.kd_teacher == "dense_finetune":

@@ -2,6 +2,7 @@
 answer NLL against the model's own loss, bad inputs, and an end-to-end `accelerate launch` run on the real
 SmolLM2-135M-Instruct (GGUF) with real GSM8K JSONL ($INHERNET_DATA_DIR/gsm8k, default ../shared/data/gsm8k)."""
 
+import copy
 import json
 import shlex
 import subprocess
@@ -82,6 +83,9 @@ def test_extractor_on_real_answer_strings(recipe):
     ("from 5-10 dollars", "10"),
     ("so x=-2", "-2"),
     ("about .5 of it", None),                                 # no digit before the point: not 5
+    ("#### -$5", "-5"),                                       # a minus before the currency sign
+    ("The answer is \u22124.", "-4"),                          # U+2212, the typographic minus
+    ("It takes 3\u22124 hours", "4"),                           # ... which is a range dash between numbers too
 ])
 def test_extractor_on_messy_generations(recipe, text, expected):
     assert recipe.extract_answer(text) == expected
@@ -107,6 +111,37 @@ def test_chat_prompt_masks_the_prompt_and_ends_the_answer(recipe, smollm2_tokeni
     assert "<<2+3=5>>" in tok.decode(kept["input_ids"])
     short = formatter.encode("What is 2+3?", "2+3=<<2+3=5>>5\n#### 5", max_length=len(prompt) + 2)
     assert short["labels"] == [-100] * len(prompt) + answer[:2] and len(short["input_ids"]) == len(prompt) + 2
+
+
+def test_chat_answers_end_with_the_templates_end_of_turn_not_eos(recipe, smollm2_tokenizer):
+    """A tokenizer whose eos is not its template's end of turn (as Qwen2.5 base: eos '<|endoftext|>', turns end
+    with '<|im_end|>'): answers end with '<|im_end|>', and generation stops at either."""
+    tok = copy.deepcopy(smollm2_tokenizer)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert recipe.PromptFormatter(tok).end_ids == [im_end] == [tok.eos_token_id]  # SmolLM2: the same token
+    tok.eos_token = "<|endoftext|>"
+    formatter = recipe.PromptFormatter(tok)
+    assert tok.eos_token_id != im_end and formatter.end_ids == [im_end]
+    assert formatter.stop_ids == sorted({tok.eos_token_id, im_end})
+    example = formatter.encode("What is 2+3?", "#### 5", max_length=512)
+    assert example["labels"][-1] == im_end and tok.eos_token_id not in example["input_ids"]
+    assert recipe.PromptFormatter(tok, "plain").end_ids == [tok.eos_token_id]  # no template: eos ends the answer
+
+
+def test_truncated_is_set_only_when_something_is_cut(recipe, smollm2_tokenizer):
+    formatter = recipe.PromptFormatter(smollm2_tokenizer)
+    full = len(formatter.encode("What is 2+3?", "#### 5", max_length=512)["input_ids"])
+    assert not formatter.encode("What is 2+3?", "#### 5", max_length=full)["truncated"]
+    assert formatter.encode("What is 2+3?", "#### 5", max_length=full - 1)["truncated"]
+
+
+def test_prompt_flags_the_format_does_not_use_are_refused(recipe, smollm2_tokenizer):
+    with pytest.raises(recipe.Gsm8kRecipeError, match="--prompt_template is used only by the plain prompt format"):
+        recipe.PromptFormatter(smollm2_tokenizer, "auto", template="Q: {question}\nA:")
+    with pytest.raises(recipe.Gsm8kRecipeError, match="--system_prompt is a chat-template turn"):
+        recipe.PromptFormatter(smollm2_tokenizer, "plain", system_prompt="Solve step by step.")
+    chat = recipe.PromptFormatter(smollm2_tokenizer, system_prompt="Solve step by step.")
+    assert "Solve step by step." in chat.prompt_text("q")
 
 
 def test_plain_prompt_and_format_errors(recipe, smollm2_tokenizer):
@@ -207,6 +242,10 @@ def test_missing_files_and_bad_jsonl(recipe, tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipe.parse_args([*base, "--no_inher", "--kd_hidden_weight", "1"])
     assert "--no_inher trains the teacher without distillation: remove --kd_hidden_weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.parse_args([*base, "--inher_init", "svd", "--inher_calibration_samples", "16"])
+    assert "--inher_calibration_samples is used only by --inher_init whitened" in capsys.readouterr().err
+    recipe.parse_args([*base, "--inher_init", "whitened", "--inher_calibration_samples", "16"])
 
 
 def test_examples_whose_prompt_fills_max_length_are_left_out(recipe, smollm2_tokenizer, tmp_path, capsys):
@@ -224,7 +263,10 @@ def test_examples_whose_prompt_fills_max_length_are_left_out(recipe, smollm2_tok
     base = ["--model_name_or_path", str(model_dir), "--data_dir", str(data), "--max_train_steps", "1",
             "--inher_r", "4", "--kd_alpha", "0", "--max_generation_samples", "0", "--per_device_train_batch_size", "2"]
     r = recipe.main([*base, "--max_length", "40", "--output_dir", str(tmp_path / "out")])
-    assert "1 train example(s) keep no answer token within --max_length 40" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 train example(s) keep no answer token within --max_length 40" in printed
+    assert ("2 test example(s) are longer than --max_length 40 and are cut: the end of their answers is not scored "
+            "by the answer NLL") in printed
     assert r["train_samples"] == 1 and r["train_steps"] == 1 and r["eval_nll_samples"] == 1
     with pytest.raises(SystemExit, match="no train example keeps an answer token within --max_length 8"):
         recipe.main([*base, "--max_length", "8", "--output_dir", str(tmp_path / "out8")])
@@ -238,6 +280,7 @@ def test_examples_whose_prompt_fills_max_length_are_left_out(recipe, smollm2_tok
 @pytest.mark.slow
 @needs_gsm8k
 def test_inherit_distil_generate_save_reload_resume_end_to_end(recipe, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import inhernet_hf  # noqa: F401  (AutoModelForCausalLM loads inherited checkpoints)
@@ -248,9 +291,13 @@ def test_inherit_distil_generate_save_reload_resume_end_to_end(recipe, tmp_path)
             "--per_device_eval_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "1",
             "--learning_rate", "1e-5", "--max_eval_samples", "6", "--max_new_tokens", "24",
             "--generation_batch_size", "4", "--inher_target_ratio", "0.8", "--inher_num_heads", "2",
-            "--inher_init", "svd", "--kd_alpha", "0.5"]
+            "--inher_init", "svd", "--kd_alpha", "0.5", "--with_tracking", "--report_to", "tensorboard"]
     launch("gsm8k", args, out, timeout=600)
     r = results(out)
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    exact_match = events.Scalars("eval_exact_match")
+    assert [(e.step, e.value) for e in exact_match] == [(2, pytest.approx(r["eval_exact_match"]))]
     assert r["inherited"] and r["kd"] and r["train_steps"] == 2 and r["train_samples"] == 8
     assert r["eval_nll_samples"] == 6 and r["eval_generation_samples"] == 6
     assert r["eval_answer_nll"] > 0 and r["eval_answer_perplexity"] == pytest.approx(
