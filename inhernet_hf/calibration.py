@@ -128,31 +128,48 @@ def _flat_mask(batch: dict) -> Optional[torch.Tensor]:
     return None if mask is None or mask.dim() != 2 else mask.reshape(-1).bool()
 
 
-def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict]) -> list[tuple]:
-    captured = []
+def _capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: list[dict]) -> list[list[tuple]]:
+    """Per batch, the arguments each block is called with, as `(hidden_positional, args, kwargs)`: the first block's
+    in full, the later blocks' without the hidden states (position 0, or the `hidden_states` keyword), which
+    calibration computes itself through the replaced layers. Blocks of one model can get different arguments (the
+    sliding-window and full-attention layers of Gemma or Qwen2: other masks, other rotary tables). The forward pass
+    stops at the last block."""
+    calls: list[list[tuple]] = []
 
-    def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
+    def hook_for(index: int):
+        def hook(_module, args, kwargs):
+            if index == 0:
+                calls.append([])
+            if args:
+                calls[-1].append((True, args if index == 0 else args[1:], kwargs))
+            else:
+                rest = kwargs if index == 0 else {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                calls[-1].append((False, (), rest))
+            if index == len(blocks) - 1:
+                raise _StopForward
+        return hook
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for i, batch in enumerate(batches):
             try:
                 model(**_model_kwargs(model, batch))
             except _StopForward:
-                continue
-            raise RuntimeError(f"Calibration batch {i} ran through the model without reaching its first block.")
+                if len(calls) == i + 1 and len(calls[i]) == len(blocks):
+                    continue
+            raise RuntimeError(f"Calibration batch {i} did not call each of the model's {len(blocks)} blocks once, in "
+                               f"order, so they cannot be calibrated one after the other.")
     finally:
-        handle.remove()
-    return captured
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 class _GramHooks:
-    """Forward pre-hooks accumulating X^T X (float64) of each named Linear's input; inputs shared by several
-    targets (q/k/v, gate/up) are multiplied once per batch. Padding rows are dropped when a mask is set, unless
-    `keeps_padding(name, x)` says the mask does not describe that input. With `stop_after`, the hook of that target
-    ends the forward pass once its statistics are taken."""
+    """Forward pre-hooks accumulating X^T X (float64) of each named Linear's input; targets that read the same input
+    (q/k/v, gate/up) share one product per batch and one sum (the same tensor in `grams`). Padding rows are dropped
+    when a mask is set, unless `keeps_padding(name, x)` says the mask does not describe that input. With
+    `stop_after`, the hook of that target ends the forward pass once its statistics are taken."""
 
     def __init__(self, modules: dict[str, nn.Module], stop_after: Optional[str] = None,
                  keeps_padding: Optional[Callable[[str, torch.Tensor], bool]] = None) -> None:
@@ -176,9 +193,14 @@ class _GramHooks:
                 if mask is not None and flat.shape[0] == mask.numel():
                     flat = flat[mask.to(flat.device)]
                 flat = flat.float()
-                self._products[key] = (x, (flat.T @ flat).double())  # float32 product per batch, float64 sum
-            product = self._products[key][1]
-            self.grams[name] = product.clone() if name not in self.grams else self.grams[name] + product
+                self._products[key] = (x, (flat.T @ flat).double(), name)  # float32 product per batch, float64 sum
+            _, product, first = self._products[key]
+            if first != name:  # the same input as an earlier target (q/k/v, gate/up): one sum, held once
+                self.grams[name] = self.grams[first]
+            elif name in self.grams:
+                self.grams[name].add_(product)
+            else:
+                self.grams[name] = product.clone()
             if stop:
                 raise _StopForward
         return hook
@@ -186,6 +208,14 @@ class _GramHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _check_all_ran(targets: list[str], seen) -> None:
+    missing = sorted(set(targets) - set(seen))
+    if missing:
+        raise RuntimeError(f"Targets {missing} never ran on the calibration data, so they cannot be calibrated "
+                           f"(e.g. a vision tower given text-only batches: add its inputs, such as pixel_values, to "
+                           f"the calibration data, or exclude it with exclude_modules).")
 
 
 def _execution_groups(model: nn.Module, block: nn.Module, names: list[str], args: tuple, kwargs: dict) -> list[list[str]]:
@@ -198,9 +228,7 @@ def _execution_groups(model: nn.Module, block: nn.Module, names: list[str], args
     finally:
         for handle in handles:
             handle.remove()
-    missing = sorted(set(names) - {n for n, _ in calls})
-    if missing:
-        raise RuntimeError(f"Targets {missing} never ran on the calibration data, so they cannot be calibrated.")
+    _check_all_ran(names, {n for n, _ in calls})
     groups, seen = [], set()
     for name, x in calls:
         if name in seen:
@@ -238,11 +266,13 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
                 hooks.remove()
                 for handle in handles:
                     handle.remove()
+            _check_all_ran(targets, hooks.grams)
             yield hooks.grams
             return
-        inputs = _capture_first_block_inputs(model, blocks[0][1], batches)
+        calls = _capture_block_calls(model, [block for _, block, _ in blocks], batches)
+        inputs = [(args, kwargs) for (_, args, kwargs), *_ in calls]
         masks = [_flat_mask(batch) for batch in batches]
-        for _name, block, inside in tqdm(blocks, desc=desc, disable=not progressbar):
+        for index, (_name, block, inside) in enumerate(tqdm(blocks, desc=desc, disable=not progressbar)):
             groups = _execution_groups(model, block, inside, *inputs[0]) if inside else []
             for group in groups:
                 hooks = _GramHooks({t: model.get_submodule(t) for t in group}, stop_after=group[-1])
@@ -253,7 +283,9 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
                 finally:
                     hooks.remove()
                 yield hooks.grams
-            inputs = [_advance(block, args, kwargs) for args, kwargs in inputs]
+            if index + 1 < len(blocks):
+                inputs = [_advance(block, args, kwargs, batch_calls[index + 1])
+                          for (args, kwargs), batch_calls in zip(inputs, calls)]
 
 
 def _encoder_decoder_padding_rule(model: nn.Module) -> tuple[Optional[Callable[[str, torch.Tensor], bool]], list]:
@@ -272,13 +304,15 @@ def _encoder_decoder_padding_rule(model: nn.Module) -> tuple[Optional[Callable[[
     return keeps_padding, [handle]
 
 
-def _advance(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
-    """Run `block` and return the (args, kwargs) of the next block: its output replaces the hidden states."""
+def _advance(block: nn.Module, args: tuple, kwargs: dict, next_call: tuple) -> tuple:
+    """Run `block` and return the (args, kwargs) of the next block: its recorded arguments (`next_call`, from
+    `_capture_block_calls`) with this block's output as the hidden states."""
     out = block(*args, **kwargs)
     hidden = out[0] if isinstance(out, (tuple, list)) else out
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+    positional, next_args, next_kwargs = next_call
+    if positional:
+        return (hidden, *next_args), next_kwargs
+    return (), {**next_kwargs, "hidden_states": hidden}
 
 
 def _unpadded_row(batch: dict, row: int, encoder_decoder: bool) -> Optional[dict]:
@@ -337,6 +371,8 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
             def record(grad):
                 sums[name] += float(grad.detach().float().square().sum())
                 counts[name] += grad.numel()
+            if not output.requires_grad:  # not downstream of the input embeddings (a vision tower): a leaf of its own
+                output.requires_grad_()
             output.register_hook(record)
         return forward_hook
 
@@ -344,21 +380,23 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     handles.append(embeddings.register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
     try:
         model.requires_grad_(False)
-        for batch in tqdm(batches, desc="Output sensitivity", disable=not progressbar):
-            for row in range(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]):
-                single = _unpadded_row(batch, row, encoder_decoder)
-                if single is None:
-                    continue
-                outputs = model(**_model_kwargs(model, single))
-                if getattr(outputs, "logits", None) is None:
-                    raise ValueError(f"rank_allocation='activation' needs a model whose outputs have logits (a "
-                                     f"...ForCausalLM / ...ForSequenceClassification class); {type(model).__name__} "
-                                     f"returns {type(outputs).__name__}. Load the model with its head, or use "
-                                     f"rank_allocation='energy' / 'uniform'.")
-                _sampled_label_loss(outputs.logits.float(), generator, regression).backward()
+        with torch.enable_grad():  # also when called under torch.no_grad()
+            for batch in tqdm(batches, desc="Output sensitivity", disable=not progressbar):
+                for row in range(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]):
+                    single = _unpadded_row(batch, row, encoder_decoder)
+                    if single is None:
+                        continue
+                    outputs = model(**_model_kwargs(model, single))
+                    if getattr(outputs, "logits", None) is None:
+                        raise ValueError(f"rank_allocation='activation' needs a model whose outputs have logits "
+                                         f"(a ...ForCausalLM / ...ForSequenceClassification class); "
+                                         f"{type(model).__name__} returns {type(outputs).__name__}. Load the model "
+                                         f"with its head, or use rank_allocation='energy' / 'uniform'.")
+                    _sampled_label_loss(outputs.logits.float(), generator, regression).backward()
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return {t: sums[t] / max(counts[t], 1) for t in targets}
+    _check_all_ran(targets, [t for t in targets if counts[t]])
+    return {t: sums[t] / counts[t] for t in targets}

@@ -337,3 +337,83 @@ def test_cli_compress_bad_input_is_a_one_line_error(flags, message, tmp_path):
     assert str(info.value).startswith("inhernet compress: ") and message in str(info.value)
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_block_calibration_gives_each_block_its_own_mask_and_rotary_table(model_type):
+    """Gemma's sliding-window and full-attention layers are called with different attention masks (and, in Gemma
+    3, different rotary tables). Block by block, each block's X^T X equals the one of a plain forward pass (nothing
+    replaced), so each block ran with its own arguments, not the first block's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from inhernet_hf.calibration import block_grams
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    targets = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
+    batches = [{"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}]
+    seen = {}
+    hooks = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a, t=t: seen.setdefault(t, a[0]))
+             for t in targets]
+    with torch.no_grad():
+        model(**batches[0])
+    for hook in hooks:
+        hook.remove()
+    grams = {}
+    for group in block_grams(model, targets, batches, progressbar=False):
+        grams.update(group)
+    for target in targets:
+        rows = seen[target].reshape(-1, 64).double()
+        torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-6)
+
+
+def tiny_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=16, patch_size=4),
+        text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2),
+        image_token_index=63, vision_feature_layer=-1)).eval()
+
+
+@pytest.mark.parametrize("init, allocation", [("whitened", "uniform"), ("svd", "activation")])
+def test_targets_the_calibration_data_never_reaches_are_an_error(init, allocation):
+    """LLaVA calibrated on text only: the vision tower's targets get no statistics. They used to be left dense while
+    the report counted them as inherited (whitened), or failed with a KeyError (activation ranks)."""
+    batches = [{"input_ids": torch.randint(0, 60, (2, 8))}]
+    with pytest.raises(RuntimeError, match=r"Targets \['model.vision_tower.encoder.layers.0.*never ran"):
+        get_inher_model(tiny_llava(), InherConfig(target_ratio=0.5, init=init, rank_allocation=allocation),
+                        calibration_data=batches, progressbar=False)
+
+
+def test_activation_ranks_reach_the_vision_tower_and_run_under_no_grad():
+    """With pixel_values, the vision tower's outputs (not downstream of the input embeddings) get loss gradients
+    too; and the sensitivity pass turns gradients on itself when called under torch.no_grad()."""
+    ids = torch.cat([torch.full((2, 16), 63), torch.randint(0, 60, (2, 6))], 1)  # 16 image tokens: 4 x 4 patches
+    batches = [{"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}]
+    with torch.no_grad():
+        inherited = get_inher_model(tiny_llava(), InherConfig(target_ratio=0.5, rank_allocation="activation"),
+                                    calibration_data=batches, progressbar=False)
+    rows = inherited.report().rows
+    assert any("vision_tower" in r.name for r in rows) and all(r.params > 0 for r in rows)
+    assert inherited.report().ratio <= 0.5
+
+
+def test_targets_reading_one_input_share_one_gram():
+    """q/k/v (and gate/up) read the same hidden states: one X^T X is held for the group, not a copy per target."""
+    from inhernet_hf.calibration import block_grams
+
+    model = engine_llama().eval()
+    targets = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"] + ["model.layers.0.mlp.gate_proj",
+                                                                        "model.layers.0.mlp.up_proj"]
+    groups = list(block_grams(model, targets, calibration(n_batches=2, batch=2, length=8), progressbar=False))
+    assert [sorted(g) for g in groups] == [sorted(targets[:3]), targets[3:4], targets[4:]]
+    qkv, _, mlp = groups
+    assert qkv[targets[0]] is qkv[targets[1]] is qkv[targets[2]]
+    assert mlp[targets[4]] is mlp[targets[5]]
