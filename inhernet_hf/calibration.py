@@ -1,6 +1,7 @@
 """Calibration statistics X^T X of the targets' inputs, gathered block by block (GPTQ-style, true-sequential).
 
-The inputs of the first transformer block are captured once. Within each block the targets are taken in
+The inputs of the first transformer block, and the other arguments of every block (masks, rotary tables), are
+captured once. Within each block the targets are taken in
 execution order, in groups that read the same input (q/k/v, then o, then gate/up, then down): the block runs on
 the calibration inputs with hooks that accumulate the group's input second moments and stop the block right
 after, the caller factors (and replaces) the group, and the next group sees inputs that flowed through the
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
+    """Raised by a hook to end a forward pass once what it needed is recorded."""
 
 
 def prepare_calibration(calibration_data: Any, tokenizer=None, max_length: int = 256, batch_size: int = 8) -> list[dict]:
@@ -138,8 +139,8 @@ def _capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: lis
 
     def hook_for(index: int):
         def hook(_module, args, kwargs):
-            if index == 0:
-                calls.append([])
+            if len(calls[-1]) != index:  # out of order: the check below reports it
+                raise _StopForward
             if args:
                 calls[-1].append((True, args if index == 0 else args[1:], kwargs))
             else:
@@ -152,13 +153,14 @@ def _capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: lis
     handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for i, batch in enumerate(batches):
+            calls.append([])
             try:
                 model(**_model_kwargs(model, batch))
             except _StopForward:
-                if len(calls) == i + 1 and len(calls[i]) == len(blocks):
+                if len(calls[i]) == len(blocks):
                     continue
-            raise RuntimeError(f"Calibration batch {i} did not call each of the model's {len(blocks)} blocks once, in "
-                               f"order, so they cannot be calibrated one after the other.")
+            raise RuntimeError(f"Calibration batch {i} did not call the model's {len(blocks)} blocks in order, so "
+                               f"they cannot be calibrated one after the other.")
     finally:
         for handle in handles:
             handle.remove()
@@ -167,13 +169,15 @@ def _capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: lis
 
 class _GramHooks:
     """Forward pre-hooks accumulating X^T X (float64) of each named Linear's input; targets that read the same input
-    (q/k/v, gate/up) share one product per batch and one sum (the same tensor in `grams`). Padding rows are dropped
-    when a mask is set, unless `keeps_padding(name, x)` says the mask does not describe that input. With
-    `stop_after`, the hook of that target ends the forward pass once its statistics are taken."""
+    (q/k/v, gate/up) share one product per batch, and with `share` (each target called once per pass, on the input
+    of the group's first) one sum: the same tensor in `grams`. Padding rows are dropped when a mask is set, unless
+    `keeps_padding(name, x)` says the mask does not describe that input. With `stop_after`, the hook of that target
+    ends the forward pass once its statistics are taken."""
 
     def __init__(self, modules: dict[str, nn.Module], stop_after: Optional[str] = None,
-                 keeps_padding: Optional[Callable[[str, torch.Tensor], bool]] = None) -> None:
+                 keeps_padding: Optional[Callable[[str, torch.Tensor], bool]] = None, share: bool = False) -> None:
         self.grams: dict[str, torch.Tensor] = {}
+        self.share = share
         self.mask: Optional[torch.Tensor] = None
         self.keeps_padding = keeps_padding
         self._products: dict = {}
@@ -195,7 +199,7 @@ class _GramHooks:
                 flat = flat.float()
                 self._products[key] = (x, (flat.T @ flat).double(), name)  # float32 product per batch, float64 sum
             _, product, first = self._products[key]
-            if first != name:  # the same input as an earlier target (q/k/v, gate/up): one sum, held once
+            if self.share and first != name:  # the same input as an earlier target (q/k/v, gate/up): one sum
                 self.grams[name] = self.grams[first]
             elif name in self.grams:
                 self.grams[name].add_(product)
@@ -271,11 +275,14 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
             return
         calls = _capture_block_calls(model, [block for _, block, _ in blocks], batches)
         inputs = [(args, kwargs) for (_, args, kwargs), *_ in calls]
+        for batch_calls in calls:  # `inputs` holds the first block's hidden states; advanced, they are freed
+            batch_calls[0] = None
         masks = [_flat_mask(batch) for batch in batches]
         for index, (_name, block, inside) in enumerate(tqdm(blocks, desc=desc, disable=not progressbar)):
             groups = _execution_groups(model, block, inside, *inputs[0]) if inside else []
             for group in groups:
-                hooks = _GramHooks({t: model.get_submodule(t) for t in group}, stop_after=group[-1])
+                # a group is the targets that read one input tensor (_execution_groups), each once: one sum
+                hooks = _GramHooks({t: model.get_submodule(t) for t in group}, stop_after=group[-1], share=True)
                 try:
                     for (args, kwargs), mask in zip(inputs, masks):
                         hooks.new_batch(mask)
@@ -366,8 +373,12 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     regression = getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1
     embeddings = model.get_input_embeddings()
 
+    ran = set()
+
     def grad_hook(name):
         def forward_hook(_module, _args, output):
+            ran.add(name)
+
             def record(grad):
                 sums[name] += float(grad.detach().float().square().sum())
                 counts[name] += grad.numel()
@@ -398,5 +409,5 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
             handle.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    _check_all_ran(targets, [t for t in targets if counts[t]])
-    return {t: sums[t] / counts[t] for t in targets}
+    _check_all_ran(targets, ran)
+    return {t: sums[t] / max(counts[t], 1) for t in targets}  # 0 for a target whose output the logits never use

@@ -67,8 +67,11 @@ batch_size, seq_len = int(sys.argv[2]), int(sys.argv[3])
 tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-before_prefill = vm("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+before_prefill, hwm_after_reset = vm("VmRSS"), vm("VmHWM")
+if hwm_after_reset > before_prefill + 2**20:
+    sys.exit(f"/proc/self/clear_refs did not reset VmHWM ({{hwm_after_reset}} > VmRSS {{before_prefill}} bytes)")
 with torch.no_grad():
     model(input_ids=tokens, logits_to_keep=1)
 peak_prefill = vm("VmHWM")

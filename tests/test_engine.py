@@ -370,7 +370,8 @@ def test_block_calibration_gives_each_block_its_own_mask_and_rotary_table(model_
         torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-6)
 
 
-def tiny_llava():
+def tiny_llava(vision_feature_layer=-1):
+    """A random 2-layer LLaVA (CLIP tower of 16 x 16 pixels: 4 x 4 patches) with a 2-layer Llama."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
@@ -379,7 +380,7 @@ def tiny_llava():
                                        image_size=16, patch_size=4),
         text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2),
-        image_token_index=63, vision_feature_layer=-1)).eval()
+        image_token_index=63, vision_feature_layer=vision_feature_layer)).eval()
 
 
 @pytest.mark.parametrize("init, allocation", [("whitened", "uniform"), ("svd", "activation")])
@@ -394,14 +395,20 @@ def test_targets_the_calibration_data_never_reaches_are_an_error(init, allocatio
 
 def test_activation_ranks_reach_the_vision_tower_and_run_under_no_grad():
     """With pixel_values, the vision tower's outputs (not downstream of the input embeddings) get loss gradients
-    too; and the sensitivity pass turns gradients on itself when called under torch.no_grad()."""
+    too. LLaVA's default vision_feature_layer=-2 reads the tower before its last layer, which runs but does not
+    reach the logits: sensitivity 0, not an error. The pass turns gradients on itself under torch.no_grad()."""
+    from inhernet_hf.calibration import output_sensitivity
+
     ids = torch.cat([torch.full((2, 16), 63), torch.randint(0, 60, (2, 6))], 1)  # 16 image tokens: 4 x 4 patches
     batches = [{"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}]
+    model = tiny_llava(vision_feature_layer=-2)
+    tower = [f"model.vision_tower.encoder.layers.{i}.mlp.fc1" for i in (0, 1)]
     with torch.no_grad():
-        inherited = get_inher_model(tiny_llava(), InherConfig(target_ratio=0.5, rank_allocation="activation"),
+        used, unused = output_sensitivity(model, tower, batches, progressbar=False).values()
+    assert used > 0 and unused == 0
+    with torch.no_grad():
+        inherited = get_inher_model(model, InherConfig(target_ratio=0.5, rank_allocation="activation"),
                                     calibration_data=batches, progressbar=False)
-    rows = inherited.report().rows
-    assert any("vision_tower" in r.name for r in rows) and all(r.params > 0 for r in rows)
     assert inherited.report().ratio <= 0.5
 
 
@@ -417,3 +424,18 @@ def test_targets_reading_one_input_share_one_gram():
     qkv, _, mlp = groups
     assert qkv[targets[0]] is qkv[targets[1]] is qkv[targets[2]]
     assert mlp[targets[4]] is mlp[targets[5]]
+
+
+def test_gram_sums_are_shared_only_where_each_target_reads_the_groups_input_once():
+    """Outside the block path a layer may run twice per pass (weight sharing): a(x), b(x), b(y) must give a x^T x
+    and b x^T x + y^T y, not one sum for both."""
+    from inhernet_hf.calibration import _GramHooks
+
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    hooks = _GramHooks({"a": a, "b": b})
+    hooks.new_batch(None)
+    a(x), b(x), b(y)
+    hooks.remove()
+    torch.testing.assert_close(hooks.grams["a"], (x.T @ x).double())
+    torch.testing.assert_close(hooks.grams["b"], (x.T @ x + y.T @ y).double())
