@@ -29,7 +29,7 @@ def prepare_calibration(calibration_data: Any, tokenizer=None, max_length: int =
 
     Accepts an iterable of dict batches (e.g. a DataLoader of tokenized inputs), or a `datasets.Dataset`
     with an `input_ids` column (rows of different lengths are padded by `tokenizer`) or, given a `tokenizer`, a
-    `text` column. Raises on empty data, non-dict batches, batches without tensors, and NaN/Inf in floating inputs.
+    `text` column. Raises on empty data, non-dict batches, batches without tensors or rows, and NaN/Inf in floating inputs.
     """
     if calibration_data is None:
         raise ValueError("This InherConfig needs calibration data (init='whitened' or rank_allocation='activation'): "
@@ -53,6 +53,8 @@ def prepare_calibration(calibration_data: Any, tokenizer=None, max_length: int =
         if not tensors:
             raise TypeError(f"calibration_data batch {i} holds no tensors (keys: {sorted(batch)}).")
         for key, value in tensors.items():
+            if value.dim() > 0 and value.shape[0] == 0:
+                raise ValueError(f"calibration_data batch {i} has no rows: {key!r} has shape {tuple(value.shape)}.")
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"calibration_data batch {i} has NaN or Inf values in {key!r}.")
         batches.append(dict(batch))
