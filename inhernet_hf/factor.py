@@ -57,7 +57,8 @@ def whitening(gram: torch.Tensor, damping: float = 0.0) -> tuple[torch.Tensor, C
         return root, lambda vh: torch.linalg.solve_triangular(root, vh, upper=False, left=False)
     evals, evecs = torch.linalg.eigh(g)
     if evals[-1] <= 0:
-        raise ValueError("The calibration inputs' second moment X^T X is zero: every calibration input was zero.")
+        raise ValueError("The calibration inputs' second moment X^T X is zero: every input row this layer saw was "
+                         "zero or padding (attention_mask 0).")
     sqrt_evals = evals.clamp_min(EIGEN_FLOOR * evals[-1]).sqrt()
     return evecs * sqrt_evals, lambda vh: (vh / sqrt_evals) @ evecs.T
 

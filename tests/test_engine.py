@@ -264,6 +264,9 @@ def assert_untouched(model, reference):
          ValueError, "batch 0 has NaN or Inf values in 'inputs_embeds'"),
         (dict(r=4, init="whitened"), [{"input_ids": torch.zeros(0, 4, dtype=torch.long)}], ValueError,
          r"batch 0 has no rows: 'input_ids' has shape \(0, 4\)"),
+        (dict(r=4, init="whitened"), [{"input_ids": torch.ones(2, 4, dtype=torch.long),
+                                       "attention_mask": torch.zeros(2, 4, dtype=torch.long)}], ValueError,
+         "every input row this layer saw was zero or padding"),
         (dict(r=4), calibration(), ValueError, "calibration_data was given but init='svd'"),
         (dict(target_ratio=0.3, rank_allocation="energy", rank_pattern={r"mlp\.\w+_proj": 24}), None, ValueError,
          "target_ratio=0.3 cannot be met: the rank_pattern layers alone hold 64,962 parameters"),  # 3*(2*7730+6194)
