@@ -29,7 +29,8 @@ def prepare_calibration(calibration_data: Any, tokenizer=None, max_length: int =
 
     Accepts an iterable of dict batches (e.g. a DataLoader of tokenized inputs), or a `datasets.Dataset`
     with an `input_ids` column (rows of different lengths are padded by `tokenizer`) or, given a `tokenizer`, a
-    `text` column. Raises on empty data, non-dict batches, batches without tensors or rows, and NaN/Inf in floating inputs.
+    `text` column. Raises on empty data, non-dict batches, batches without tensors or rows, and NaN/Inf in floating
+    inputs.
     """
     if calibration_data is None:
         raise ValueError("This InherConfig needs calibration data (init='whitened' or rank_allocation='activation'): "
@@ -131,12 +132,13 @@ def _flat_mask(batch: dict) -> Optional[torch.Tensor]:
     return None if mask is None or mask.dim() != 2 else mask.reshape(-1).bool()
 
 
-def _capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: list[dict]) -> list[list[tuple]]:
-    """Per batch, the arguments each block is called with, as `(hidden_positional, args, kwargs)`: the first block's
-    in full, the later blocks' without the hidden states (position 0, or the `hidden_states` keyword), which
-    calibration computes itself through the replaced layers. Blocks of one model can get different arguments (the
-    sliding-window and full-attention layers of Gemma or Qwen2: other masks, other rotary tables). The forward pass
-    stops at the last block."""
+def _capture_block_calls(model: nn.Module, blocks: list[nn.Module],
+                         batches: list[dict]) -> tuple[list[tuple], list[list[tuple]]]:
+    """Per batch, the arguments each block is called with: the first block's `(args, kwargs)` in full, and the later
+    blocks' as `(hidden_positional, args, kwargs)` without the hidden states (position 0, or the `hidden_states`
+    keyword), which calibration computes itself through the replaced layers. Blocks of one model can get different
+    arguments (the sliding-window and full-attention layers of Gemma or Qwen2: other masks, other rotary tables). The
+    forward pass stops at the last block."""
     calls: list[list[tuple]] = []
 
     def hook_for(index: int):
@@ -166,7 +168,7 @@ def _capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: lis
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    return [first[1:] for first, *_ in calls], [later for _, *later in calls]
 
 
 class _GramHooks:
@@ -275,10 +277,8 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
             _check_all_ran(targets, hooks.grams)
             yield hooks.grams
             return
-        calls = _capture_block_calls(model, [block for _, block, _ in blocks], batches)
-        inputs = [(args, kwargs) for (_, args, kwargs), *_ in calls]
-        for batch_calls in calls:  # `inputs` holds the first block's hidden states; advanced, they are freed
-            batch_calls[0] = None
+        # `inputs` alone holds the hidden states: each block's advance frees the previous ones
+        inputs, later_calls = _capture_block_calls(model, [block for _, block, _ in blocks], batches)
         masks = [_flat_mask(batch) for batch in batches]
         for index, (_name, block, inside) in enumerate(tqdm(blocks, desc=desc, disable=not progressbar)):
             groups = _execution_groups(model, block, inside, *inputs[0]) if inside else []
@@ -292,9 +292,9 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
                 finally:
                     hooks.remove()
                 yield hooks.grams
-            if index + 1 < len(blocks):
-                inputs = [_advance(block, args, kwargs, batch_calls[index + 1])
-                          for (args, kwargs), batch_calls in zip(inputs, calls)]
+            if index + 1 < len(blocks):  # later_calls[b][index]: the arguments of block index + 1
+                inputs = [_advance(block, args, kwargs, later[index])
+                          for (args, kwargs), later in zip(inputs, later_calls)]
 
 
 def _encoder_decoder_padding_rule(model: nn.Module) -> tuple[Optional[Callable[[str, torch.Tensor], bool]], list]:

@@ -20,6 +20,11 @@ STRUCTURE_CHOICES = ("asymmetric", "symmetric")
 TASK_TYPE_CHOICES = tuple(t.value for t in TaskType)
 
 
+def calibration_needed(init: str, rank_allocation: Optional[str]) -> bool:
+    """Whether this init and rank allocation read calibration data (the whitened init, activation ranks)."""
+    return init == "whitened" or rank_allocation == "activation"
+
+
 def _check_choice(name: str, value: Any, allowed: tuple, owner: str = "InherConfig") -> None:
     if value not in allowed:
         raise ValueError(f"{owner}.{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}.")
@@ -224,7 +229,7 @@ class InherConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether `get_inher_model` needs `calibration_data` for this config."""
-        return self.init == "whitened" or self.rank_allocation == "activation"
+        return calibration_needed(self.init, self.rank_allocation)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field."""

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .config import InherConfig
+from .config import InherConfig, calibration_needed
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
                          f"remove {', '.join(unused)} (options of the inherited model).")
     if run_kind == "inherited" and args.inher_r is not None and args.inher_target_ratio is not None:
         raise ValueError("Give only one of --inher_r and --inher_target_ratio.")
-    calibrates = args.inher_init == "whitened" or args.inher_rank_allocation == "activation"
+    calibrates = calibration_needed(args.inher_init, args.inher_rank_allocation)
     if run_kind == "inherited" and not calibrates and changed_flags(args, parser, ("inher_calibration_samples",)):
         raise ValueError("--inher_calibration_samples is used only by --inher_init whitened or --inher_rank_allocation "
                          "activation; remove it or choose one of those.")
@@ -928,9 +928,10 @@ def train(
     if eval_fn is not None and eval_step != completed_steps:
         eval_metrics = run_eval(epoch)
     epochs_done = completed_steps / plan.num_update_steps_per_epoch if plan.num_update_steps_per_epoch else 0.0
-    return TrainResult(completed_steps, round(epochs_done, 4), loss_sum / steps_this_run if steps_this_run else None, runtime,
-                       steps_this_run, eval_metrics=eval_metrics, eval_history=eval_history,
-                       resumed_from=resumed_from, last_checkpoint=last_checkpoint)
+    mean_loss = loss_sum / steps_this_run if steps_this_run else None
+    return TrainResult(completed_steps, round(epochs_done, 4), mean_loss, runtime, steps_this_run,
+                       eval_metrics=eval_metrics, eval_history=eval_history, resumed_from=resumed_from,
+                       last_checkpoint=last_checkpoint)
 
 
 def _non_finite_message(what: str, value: float, step: int, epoch: int, last_checkpoint: Optional[str]) -> str:

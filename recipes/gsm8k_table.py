@@ -19,6 +19,7 @@ from pathlib import Path
 # recipes/ is on sys.path when this file runs as a script
 from glue_table import add_init_args, add_launch_args, check_table_args, init_flags, run
 
+from inhernet_hf.config import calibration_needed
 from inhernet_hf.offline_models import model_or_smollm2
 
 RECIPE = Path(__file__).resolve().parent / "gsm8k.py"
@@ -51,7 +52,7 @@ def main() -> None:
     add_launch_args(parser)
     args = parser.parse_args()
     check_table_args(parser, args)
-    calibrates = args.init == "whitened" or args.rank_allocation == "activation"
+    calibrates = calibration_needed(args.init, args.rank_allocation)
     if not calibrates and args.calibration_samples != parser.get_default("calibration_samples"):
         parser.error("--calibration_samples is used only with --init whitened or --rank_allocation activation.")
     try:

@@ -85,7 +85,8 @@ def measure(folder: str, loader: str, batch_size: int, seq_len: int) -> dict:
     script = textwrap.dedent(MEASURE.format(loader=LOADERS[loader]))
     out = subprocess.run([sys.executable, "-c", script, folder, str(batch_size), str(seq_len)],
                          capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **FIXED_MMAP_THRESHOLD})
+                         env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                              **FIXED_MMAP_THRESHOLD})
     if out.returncode != 0:
         raise RuntimeError(f"Measuring {loader} on {folder} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -62,8 +62,8 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def peak_memory(model, batch: torch.Tensor, device: str) -> Optional[int]:
-    """Bytes of peak CUDA memory while running one forward: the model's weights plus the growth of allocated memory
+def peak_memory_mib(model, batch: torch.Tensor, device: str) -> Optional[float]:
+    """MiB of peak CUDA memory while running one forward: the model's weights plus the growth of allocated memory
     during the forward (so the other model held next to it, dense or a variant, is not counted). None on CPU: there
     the resident set's growth depends on the allocator's history in this process more than on the model;
     recipes/memory.py measures each model in a fresh interpreter instead."""
@@ -74,7 +74,7 @@ def peak_memory(model, batch: torch.Tensor, device: str) -> Optional[int]:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         model(input_ids=batch)
-        return weights + torch.cuda.max_memory_allocated() - before
+        return (weights + torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def decode_compile_config(device: str) -> CompileConfig:
@@ -178,7 +178,7 @@ def table_rows(facts: dict, pairs: dict, memory: dict, keys: list[str]) -> list[
     rows = []
     for compiled, variants in pairs.items():
         for name in ["dense"] + list(variants):
-            row = {"variant": name, "compiled": compiled, **facts[name], "peak_memory_MiB": None if memory[compiled][name] is None else memory[compiled][name] / 2**20}
+            row = {"variant": name, "compiled": compiled, **facts[name], "peak_memory_MiB": memory[compiled][name]}
             for key in keys:
                 if name == "dense":
                     dense_times = [d for variant in variants.values() for d, _ in variant[key]]
@@ -278,7 +278,7 @@ def main() -> None:
             warm_up(dense, dense_runners[compiled], decode_configs[compiled])
     facts = {"dense": {"targeted_ratio": 1.0, "params": sum(p.numel() for p in dense.parameters()), "flop_bound": 1.0}}
     pairs = {compiled: {} for compiled in modes}  # {compiled: {variant: {key: [(dense s, variant s), ...]}}}
-    memory = {compiled: {"dense": peak_memory(dense_runners[compiled], batches[max(batches)], args.device)}
+    memory = {compiled: {"dense": peak_memory_mib(dense_runners[compiled], batches[max(batches)], args.device)}
               for compiled in modes}
     for name, config in tqdm(configs.items(), desc="Variants"):  # one at a time in memory, next to dense
         inherited = get_inher_model(copy.deepcopy(dense), config, progressbar=False)
@@ -293,7 +293,7 @@ def main() -> None:
                 measure = timing_measure(runners, models, batches, prompt, args.decode_tokens,
                                          decode_configs[compiled], args.device)
                 pairs[compiled][name] = paired_timings(measure, name, keys, args.repeats)
-            memory[compiled][name] = peak_memory(runners[name], batches[max(batches)], args.device)
+            memory[compiled][name] = peak_memory_mib(runners[name], batches[max(batches)], args.device)
         del inherited, model, runners, models
         gc.collect()
         if args.output_json:  # after every variant: a run stopped part-way keeps what it measured
@@ -309,9 +309,10 @@ def main() -> None:
     print("|" + "---|" * (7 + len(keys)))
     for r in rows:
         biggest = f"prefill_b{max(batches)}_speedup"
+        memory_mib = "—" if r["peak_memory_MiB"] is None else f"{r['peak_memory_MiB']:.0f}"
         print(f"| {r['variant']} | {'yes' if r['compiled'] else 'no'} | {r['targeted_ratio']:.3f} | {r['params']:,} | "
               f"{r['flop_bound']:.2f}x | " + " | ".join(f"{r[k + '_speedup']:.2f}x" for k in keys) +
-              f" | {r[biggest] / r['flop_bound']:.2f} | {'—' if r['peak_memory_MiB'] is None else round(r['peak_memory_MiB'])} |")
+              f" | {r[biggest] / r['flop_bound']:.2f} | {memory_mib} |")
     decode_ms = {r["variant"]: 1000 * r["decode_s"] for r in rows if "decode_s" in r}
     if decode_ms:
         print("decode ms/token:", {k: round(v, 2) for k, v in decode_ms.items()})
