@@ -132,6 +132,29 @@ def _flat_mask(batch: dict) -> Optional[torch.Tensor]:
     return None if mask is None or mask.dim() != 2 else mask.reshape(-1).bool()
 
 
+def _reused_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module, list[str]]], batch: dict) -> list[str]:
+    """Names of the blocks that one forward pass over `batch` calls more than once (weights shared across depth, as
+    in ALBERT): one block-by-block pass would see only their first call's inputs. The pass stops at the first reuse."""
+    calls = {name: 0 for name, _, _ in blocks}
+
+    def hook_for(name: str):
+        def hook(_module, _args):
+            calls[name] += 1
+            if calls[name] > 1:
+                raise _StopForward
+        return hook
+
+    handles = [block.register_forward_pre_hook(hook_for(name)) for name, block, _ in blocks]
+    try:
+        model(**_model_kwargs(model, batch))
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [name for name, count in calls.items() if count > 1]
+
+
 def _capture_block_calls(model: nn.Module, blocks: list[nn.Module],
                          batches: list[dict]) -> tuple[list[tuple], list[list[tuple]]]:
     """Per batch, the arguments each block is called with: the first block's `(args, kwargs)` in full, and the later
@@ -260,9 +283,13 @@ def _run_until_stopped(block: nn.Module, args: tuple, kwargs: dict) -> None:
 def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc: str = "Calibrating",
                 progressbar: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {target: X^T X} one group of targets at a time, in execution order. After each yield the caller may
-    replace the group's layers; later groups and blocks then see inputs computed through the replacements."""
+    replace the group's layers; later groups and blocks then see inputs computed through the replacements. Without a
+    list of blocks, or when a block runs more than once per forward (weights shared across depth), all targets'
+    statistics come from one pass over the whole model, every call of a shared layer summed."""
     blocks = find_blocks(model, targets)
     with torch.no_grad():
+        if blocks is not None and _reused_blocks(model, blocks, batches[0]):
+            blocks = None  # a shared block's statistics are the sum over all its calls: the whole-model pass takes them
         if blocks is None:  # one pass over the whole model, every target's statistics at once
             keeps_padding, handles = _encoder_decoder_padding_rule(model)
             hooks = _GramHooks({t: model.get_submodule(t) for t in targets}, keeps_padding=keeps_padding)

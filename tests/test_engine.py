@@ -162,6 +162,36 @@ def test_whole_model_calibration_masks_what_the_encoder_mask_describes():
         torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-5)
 
 
+def test_a_block_shared_across_depth_is_calibrated_on_every_call():
+    """ALBERT runs its one layer num_hidden_layers times: its grams are the sum over every call's (unpadded) inputs,
+    not the first call's alone (what a block-by-block pass would see)."""
+    from transformers import AlbertConfig, AlbertModel
+
+    from inhernet_hf.calibration import block_grams
+
+    torch.manual_seed(0)
+    model = AlbertModel(AlbertConfig(vocab_size=96, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=2, intermediate_size=48)).eval()
+    layer = "encoder.albert_layer_groups.0.albert_layers.0"
+    targets = [f"{layer}.attention.query", f"{layer}.attention.value", f"{layer}.ffn_output"]
+    batches = calibration(n_batches=2, batch=2, length=8)
+    batches[1]["attention_mask"] = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    inputs = {t: [] for t in targets}  # every call's input rows, padding dropped
+    for batch in batches:
+        keep = batch.get("attention_mask", torch.ones(2, 8, dtype=torch.long)).reshape(-1).bool()
+        hooks = [model.get_submodule(t).register_forward_pre_hook(
+            lambda _m, a, t=t: inputs[t].append(a[0].reshape(-1, a[0].shape[-1])[keep].double())) for t in targets]
+        with torch.no_grad():
+            model(**batch)
+        for hook in hooks:
+            hook.remove()
+    assert [len(inputs[t]) for t in targets] == [2 * 3] * 3  # each batch runs the shared layer three times
+    expected = {t: sum(rows.T @ rows for rows in inputs[t]) for t in targets}
+    (grams,) = list(block_grams(model, targets, batches, progressbar=False))
+    for target in targets:
+        torch.testing.assert_close(grams[target], expected[target], rtol=1e-5, atol=1e-4)
+
+
 def test_unpadded_row_cuts_only_what_the_mask_describes():
     from inhernet_hf.calibration import _unpadded_row
 
