@@ -132,6 +132,49 @@ def _flat_mask(batch: dict) -> Optional[torch.Tensor]:
     return None if mask is None or mask.dim() != 2 else mask.reshape(-1).bool()
 
 
+# batch keys of text alone: any other input (pixel_values, image_grid_thw, ...) may feed targets off the token sequence
+TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids", "labels",
+                         "decoder_input_ids", "decoder_attention_mask"})
+
+
+def _off_text_targets(model: nn.Module, targets: list[str], batch: dict) -> set[str]:
+    """Targets whose inputs do not come from the token embeddings (a vision tower, a multimodal projector): the
+    attention mask does not describe their rows, even where their number coincides with the mask's. Found by one
+    forward of `batch` with the parameters frozen and the embeddings' output requiring grad (stopped once every
+    target has run); no forward and none for a batch of text inputs alone, or for a model without token embeddings
+    (then the mask applies wherever its number of rows matches)."""
+    if _flat_mask(batch) is None or set(batch) <= TEXT_INPUTS:
+        return set()
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return set()
+    seen, on_text = set(), set()
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            seen.add(name)
+            if args[0].requires_grad:
+                on_text.add(name)
+            if len(seen) == len(targets):
+                raise _StopForward
+        return hook
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = [model.get_submodule(t).register_forward_pre_hook(hook_for(t)) for t in targets]
+    handles.append(embeddings.register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    try:
+        model.requires_grad_(False)
+        with torch.enable_grad():
+            _run_until_stopped(model, (), _model_kwargs(model, batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return seen - on_text
+
+
 def _reused_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module, list[str]]], batch: dict) -> list[str]:
     """Names of the blocks that one forward pass over `batch` calls more than once (weights shared across depth, as
     in ALBERT): one block-by-block pass would see only their first call's inputs. The pass stops at the first reuse."""
@@ -288,11 +331,13 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
     statistics come from one pass over the whole model, every call of a shared layer summed."""
     blocks = find_blocks(model, targets)
     with torch.no_grad():
+        off_text = _off_text_targets(model, targets, batches[0])
         if blocks is not None and _reused_blocks(model, blocks, batches[0]):
             blocks = None  # a shared block's statistics are the sum over all its calls: the whole-model pass takes them
         if blocks is None:  # one pass over the whole model, every target's statistics at once
-            keeps_padding, handles = _encoder_decoder_padding_rule(model)
-            hooks = _GramHooks({t: model.get_submodule(t) for t in targets}, keeps_padding=keeps_padding)
+            decoder_rule, handles = _encoder_decoder_padding_rule(model)
+            hooks = _GramHooks({t: model.get_submodule(t) for t in targets}, keeps_padding=lambda name, x: (
+                name in off_text or (decoder_rule is not None and decoder_rule(name, x))))
             try:
                 for batch in tqdm(batches, desc=f"{desc} (whole model)", disable=not progressbar):
                     hooks.new_batch(_flat_mask(batch))
@@ -311,7 +356,8 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
             groups = _execution_groups(model, block, inside, *inputs[0]) if inside else []
             for group in groups:
                 # a group is the targets that read one input tensor (_execution_groups), each once: one sum
-                hooks = _GramHooks({t: model.get_submodule(t) for t in group}, stop_after=group[-1], share=True)
+                hooks = _GramHooks({t: model.get_submodule(t) for t in group}, stop_after=group[-1], share=True,
+                                   keeps_padding=lambda name, _x: name in off_text)
                 try:
                     for (args, kwargs), mask in zip(inputs, masks):
                         hooks.new_batch(mask)

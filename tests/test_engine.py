@@ -418,6 +418,37 @@ def tiny_llava(vision_feature_layer=-1):
         image_token_index=63, vision_feature_layer=vision_feature_layer)).eval()
 
 
+@pytest.mark.parametrize("language_model", [True, False], ids=["whole-model", "blocks"])
+def test_the_text_mask_leaves_vision_rows_alone_when_their_counts_coincide(language_model):
+    """LLaVA with 17 tokens of text (16 image tokens) and a CLIP tower of 16 patches + CLS: 2 x 17 rows on both
+    sides. The attention mask drops the text's padding rows; the tower's rows, which it does not describe, all stay.
+    With the language model targeted too, calibration takes the whole-model pass; the tower alone, block by block."""
+    from inhernet_hf.calibration import block_grams
+
+    model = tiny_llava()
+    ids = torch.cat([torch.full((2, 16), 63), torch.randint(0, 60, (2, 1))], 1)
+    mask = torch.tensor([[1] * 17, [0] + [1] * 16])
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 16, 16)}
+    vision = "model.vision_tower.encoder.layers.1.self_attn.q_proj"
+    text = "model.language_model.layers.1.self_attn.q_proj"
+    targets = [vision, text] if language_model else [vision]
+    seen = {}
+    hooks = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a, t=t: seen.setdefault(t, a[0]))
+             for t in targets]
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    assert seen[vision].shape[:2] == mask.shape  # the counts coincide
+    grams = {}
+    for group in block_grams(model, targets, [batch], progressbar=False):
+        grams.update(group)
+    for target in targets:
+        rows = seen[target].reshape(-1, 32).double()
+        rows = rows[mask.reshape(-1).bool()] if target == text else rows
+        torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("init, allocation", [("whitened", "uniform"), ("svd", "activation")])
 def test_targets_the_calibration_data_never_reaches_are_an_error(init, allocation):
     """LLaVA calibrated on text only: the vision tower's targets get no statistics. They used to be left dense while
