@@ -48,6 +48,30 @@ def calibration(n_batches=3, batch=4, length=24):
     return [{"input_ids": torch.randint(0, 96, (batch, length), generator=generator)} for _ in range(n_batches)]
 
 
+def plain_inputs(model, targets: list[str], batch: dict) -> dict:
+    """Each target's (first) input in one plain forward over `batch`, nothing replaced: {target: tensor}."""
+    seen = {}
+    hooks = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a, t=t: seen.setdefault(t, a[0]))
+             for t in targets]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def all_grams(model, targets: list[str], batches: list[dict]) -> dict:
+    """{target: X^T X} from every group `block_grams` yields (nothing replaced in between)."""
+    from inhernet_hf.calibration import block_grams
+
+    grams = {}
+    for group in block_grams(model, targets, batches, progressbar=False):
+        grams.update(group)
+    return grams
+
+
 @requires_cuda
 def test_calibration_on_a_cuda_model_with_cpu_batches_matches_the_cpu_run():
     """A model on the GPU calibrates from CPU batches (moved per forward): activation ranks and whitened factors as
@@ -138,8 +162,6 @@ def test_whole_model_calibration_masks_what_the_encoder_mask_describes():
     none of their rows are dropped even when both sequences have the same length."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from inhernet_hf.calibration import block_grams
-
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=32, d_kv=16, d_ff=64, num_layers=2,
                                                 num_heads=2, decoder_start_token_id=0)).eval()
@@ -148,14 +170,8 @@ def test_whole_model_calibration_masks_what_the_encoder_mask_describes():
     batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids.flip(1)}
     targets = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q",
                "decoder.block.1.layer.1.EncDecAttention.k"]
-    seen = {}
-    hooks = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a, t=t: seen.setdefault(t, a[0]))
-             for t in targets]
-    with torch.no_grad():
-        model(**batch)
-    for hook in hooks:
-        hook.remove()
-    (grams,) = list(block_grams(model, targets, [batch], progressbar=False))
+    seen = plain_inputs(model, targets, batch)
+    grams = all_grams(model, targets, [batch])
     for target, masked in zip(targets, (True, False, True)):
         rows = seen[target].reshape(-1, 32).double()
         rows = rows[mask.reshape(-1).bool()] if masked else rows
@@ -381,8 +397,6 @@ def test_block_calibration_gives_each_block_its_own_mask_and_rotary_table(model_
     replaced), so each block ran with its own arguments, not the first block's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from inhernet_hf.calibration import block_grams
-
     config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
                                   layer_types=["sliding_attention", "full_attention"] * 2)
@@ -390,16 +404,8 @@ def test_block_calibration_gives_each_block_its_own_mask_and_rotary_table(model_
     model = AutoModelForCausalLM.from_config(config).eval()
     targets = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
     batches = [{"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}]
-    seen = {}
-    hooks = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a, t=t: seen.setdefault(t, a[0]))
-             for t in targets]
-    with torch.no_grad():
-        model(**batches[0])
-    for hook in hooks:
-        hook.remove()
-    grams = {}
-    for group in block_grams(model, targets, batches, progressbar=False):
-        grams.update(group)
+    seen = plain_inputs(model, targets, batches[0])
+    grams = all_grams(model, targets, batches)
     for target in targets:
         rows = seen[target].reshape(-1, 64).double()
         torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-6)
@@ -423,8 +429,6 @@ def test_the_text_mask_leaves_vision_rows_alone_when_their_counts_coincide(langu
     """LLaVA with 17 tokens of text (16 image tokens) and a CLIP tower of 16 patches + CLS: 2 x 17 rows on both
     sides. The attention mask drops the text's padding rows; the tower's rows, which it does not describe, all stay.
     With the language model targeted too, calibration takes the whole-model pass; the tower alone, block by block."""
-    from inhernet_hf.calibration import block_grams
-
     model = tiny_llava()
     ids = torch.cat([torch.full((2, 16), 63), torch.randint(0, 60, (2, 1))], 1)
     mask = torch.tensor([[1] * 17, [0] + [1] * 16])
@@ -432,17 +436,9 @@ def test_the_text_mask_leaves_vision_rows_alone_when_their_counts_coincide(langu
     vision = "model.vision_tower.encoder.layers.1.self_attn.q_proj"
     text = "model.language_model.layers.1.self_attn.q_proj"
     targets = [vision, text] if language_model else [vision]
-    seen = {}
-    hooks = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a, t=t: seen.setdefault(t, a[0]))
-             for t in targets]
-    with torch.no_grad():
-        model(**batch)
-    for hook in hooks:
-        hook.remove()
+    seen = plain_inputs(model, targets, batch)
     assert seen[vision].shape[:2] == mask.shape  # the counts coincide
-    grams = {}
-    for group in block_grams(model, targets, [batch], progressbar=False):
-        grams.update(group)
+    grams = all_grams(model, targets, [batch])
     for target in targets:
         rows = seen[target].reshape(-1, 32).double()
         rows = rows[mask.reshape(-1).bool()] if target == text else rows
