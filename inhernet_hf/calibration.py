@@ -137,47 +137,91 @@ TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "posit
                          "decoder_input_ids", "decoder_attention_mask"})
 
 
-def _off_text_targets(model: nn.Module, targets: list[str], batch: dict) -> set[str]:
+def _off_text_targets(model: nn.Module, targets: list[str], batches: list[dict]) -> set[str]:
     """Targets whose inputs do not come from the token embeddings (a vision tower, a multimodal projector): the
-    attention mask does not describe their rows, even where their number coincides with the mask's. Found by one
-    forward of `batch` with the parameters frozen and the embeddings' output requiring grad (stopped once every
-    target has run); no forward and none for a batch of text inputs alone, or for a model without token embeddings
-    (then the mask applies wherever its number of rows matches)."""
-    if _flat_mask(batch) is None or set(batch) <= TEXT_INPUTS:
+    attention mask does not describe their rows, even where their number coincides with the mask's.
+
+    One forward of the first batch with a 2-D mask and inputs besides text, stopped once every target and the token
+    embeddings have run: a zero that requires grad is added to the embeddings' output (or to `inputs_embeds`), and a
+    target is on the text if autograd links its input to that zero. Parameters are frozen and no activation is kept
+    for a backward. No forward, and none off the text, for text-only batches; none either when the forward never
+    reaches token embeddings (not found): the mask then applies wherever its number of rows matches.
+    """
+    batch = next((b for b in batches if _flat_mask(b) is not None and not set(b) <= TEXT_INPUTS), None)
+    if batch is None:
         return set()
+    kwargs = _model_kwargs(model, batch)
+    marker = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
+    token_ids = {kwargs[k].data_ptr() for k in ("input_ids", "decoder_input_ids") if k in kwargs}
     try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return set()
-    seen, on_text = set(), set()
+        embeddings = [model.get_input_embeddings()]
+    except (AttributeError, NotImplementedError):  # CLIPModel: the embeddings that read the batch's token ids
+        embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    embeddings = [m for m in embeddings if isinstance(m, nn.Module)]
+
+    marked = []  # where the zero was added
+
+    def mark(module, args, out):
+        reads_ids = bool(args) and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in token_ids
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and (len(embeddings) == 1 or reads_ids):
+            marked.append(module)
+            if len(seen) == len(targets):  # every target ran before the text did: none is on it
+                raise _StopForward
+            return out + marker.to(out.dtype)  # not a leaf: models that write image features into it in place work
+        return None
+
+    seen, on_text, reaches = set(), set(), {}
 
     def hook_for(name: str):
         def hook(_module, args):
             seen.add(name)
-            if args[0].requires_grad:
+            if args and _reaches(args[0].grad_fn, marker, reaches):
                 on_text.add(name)
-            if len(seen) == len(targets):
+            if len(seen) == len(targets) and marked:
                 raise _StopForward
         return hook
 
     flags = {p: p.requires_grad for p in model.parameters()}
     handles = [model.get_submodule(t).register_forward_pre_hook(hook_for(t)) for t in targets]
-    handles.append(embeddings.register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    handles += [m.register_forward_hook(mark) for m in embeddings]
     try:
         model.requires_grad_(False)
-        with torch.enable_grad():
-            _run_until_stopped(model, (), _model_kwargs(model, batch))
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None):
+            for key in ("inputs_embeds", "decoder_inputs_embeds"):
+                if isinstance(kwargs.get(key), torch.Tensor):
+                    kwargs[key] = kwargs[key] + marker.to(kwargs[key].dtype)
+                    marked.append(key)
+            _run_until_stopped(model, (), kwargs)
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return seen - on_text
+    return seen - on_text if marked else set()  # token embeddings not found: keep the row-count rule
+
+
+def _reaches(node, leaf: torch.Tensor, memo: dict) -> bool:
+    """Whether autograd node `node` (a tensor's grad_fn; None for a tensor outside the graph) leads back to `leaf`.
+    Iterative depth-first search over the graph, results memoised in `memo` across calls."""
+    stack = [(node, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if current is None or (current in memo and not expanded):
+            continue
+        children = [child for child, _ in current.next_functions if child is not None]
+        if expanded:
+            memo[current] = getattr(current, "variable", None) is leaf or any(memo[child] for child in children)
+            continue
+        memo[current] = False  # in progress: a DAG never reaches it again from below
+        stack.append((current, True))
+        stack.extend((child, False) for child in children if child not in memo)
+    return node is not None and memo[node]
 
 
 def _reused_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module, list[str]]], batch: dict) -> list[str]:
     """Names of the blocks that one forward pass over `batch` calls more than once (weights shared across depth, as
-    in ALBERT): one block-by-block pass would see only their first call's inputs. The pass stops at the first reuse."""
+    in ALBERT): one block-by-block pass would see only their first call's inputs. The pass stops at the first reuse,
+    or at the output head (no logits are computed)."""
     calls = {name: 0 for name, _, _ in blocks}
 
     def hook_for(name: str):
@@ -187,7 +231,13 @@ def _reused_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module, list[str
                 raise _StopForward
         return hook
 
+    def stop(_module, _args):
+        raise _StopForward
+
     handles = [block.register_forward_pre_hook(hook_for(name)) for name, block, _ in blocks]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        handles.append(head.register_forward_pre_hook(stop))
     try:
         model(**_model_kwargs(model, batch))
     except _StopForward:
@@ -331,7 +381,7 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
     statistics come from one pass over the whole model, every call of a shared layer summed."""
     blocks = find_blocks(model, targets)
     with torch.no_grad():
-        off_text = _off_text_targets(model, targets, batches[0])
+        off_text = _off_text_targets(model, targets, batches)
         if blocks is not None and _reused_blocks(model, blocks, batches[0]):
             blocks = None  # a shared block's statistics are the sum over all its calls: the whole-model pass takes them
         if blocks is None:  # one pass over the whole model, every target's statistics at once

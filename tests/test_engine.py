@@ -424,12 +424,17 @@ def tiny_llava(vision_feature_layer=-1):
         image_token_index=63, vision_feature_layer=vision_feature_layer)).eval()
 
 
-@pytest.mark.parametrize("language_model", [True, False], ids=["whole-model", "blocks"])
-def test_the_text_mask_leaves_vision_rows_alone_when_their_counts_coincide(language_model):
+@pytest.mark.parametrize("language_model, require_grads", [(True, False), (False, False), (True, True)],
+                         ids=["whole-model", "blocks", "input-require-grads-hooks"])
+def test_the_text_mask_leaves_vision_rows_alone_when_their_counts_coincide(language_model, require_grads):
     """LLaVA with 17 tokens of text (16 image tokens) and a CLIP tower of 16 patches + CLS: 2 x 17 rows on both
     sides. The attention mask drops the text's padding rows; the tower's rows, which it does not describe, all stay.
-    With the language model targeted too, calibration takes the whole-model pass; the tower alone, block by block."""
+    With the language model targeted too, calibration takes the whole-model pass; the tower alone, block by block.
+    transformers' `enable_input_require_grads` (left behind by gradient checkpointing) makes the tower's patch
+    embeddings require grad as well: the rule does not depend on requires_grad."""
     model = tiny_llava()
+    if require_grads:
+        model.enable_input_require_grads()
     ids = torch.cat([torch.full((2, 16), 63), torch.randint(0, 60, (2, 1))], 1)
     mask = torch.tensor([[1] * 17, [0] + [1] * 16])
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 16, 16)}
@@ -442,6 +447,78 @@ def test_the_text_mask_leaves_vision_rows_alone_when_their_counts_coincide(langu
     for target in targets:
         rows = seen[target].reshape(-1, 32).double()
         rows = rows[mask.reshape(-1).bool()] if target == text else rows
+        torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_the_text_mask_applies_to_clip_text_and_not_to_its_vision_tower():
+    """CLIPModel has no single input embedding (get_input_embeddings raises): the text tower is found through the
+    embedding that reads the batch's input_ids. 17 text tokens, 16 patches + CLS: the counts coincide."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=32, eos_token_id=63),
+        vision_config=dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4))).eval()
+    ids = torch.randint(1, 60, (2, 17))
+    ids[:, -1] = 63
+    mask = torch.tensor([[1] * 17, [1] * 12 + [0] * 5])
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 16, 16)}
+    vision, text = "vision_model.encoder.layers.1.mlp.fc1", "text_model.encoder.layers.1.mlp.fc1"
+    seen = plain_inputs(model, [vision, text], batch)
+    assert seen[vision].shape[:2] == seen[text].shape[:2] == mask.shape
+    grams = all_grams(model, [vision, text], [batch])
+    for target in (vision, text):
+        rows = seen[target].reshape(-1, 32).double()
+        rows = rows[mask.reshape(-1).bool()] if target == text else rows
+        torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_of_a_model_that_writes_image_features_into_its_embeddings():
+    """Kosmos-2 writes its image features into the token embeddings in place: the probe for off-text targets must
+    not make that tensor a leaf that requires grad (an in-place write into one is an error)."""
+    from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Kosmos2ForConditionalGeneration(Kosmos2Config(
+        text_config=dict(vocab_size=100, embed_dim=32, layers=2, attention_heads=4, ffn_dim=64,
+                         max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        latent_query_num=4)).eval()
+    image_positions = torch.zeros(2, 10, dtype=torch.long)
+    image_positions[:, 1:5] = 1
+    mask = torch.tensor([[1] * 10, [1] * 7 + [0] * 3])
+    batch = {"input_ids": torch.randint(5, 100, (2, 10)), "attention_mask": mask,
+             "pixel_values": torch.randn(2, 3, 16, 16), "image_embeds_position_mask": image_positions}
+    vision, text = "vision_model.model.encoder.layers.1.mlp.fc1", "text_model.model.layers.1.ffn.fc1"
+    seen = plain_inputs(model, [vision, text], batch)
+    grams = all_grams(model, [vision, text], [batch])
+    for target in (vision, text):
+        rows = seen[target].reshape(-1, 32).double()
+        rows = rows[mask.reshape(-1).bool()] if target == text else rows
+        torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_embeds_batches_drop_their_padding_and_no_logits_are_computed():
+    """A batch of inputs_embeds (no token ids to embed) is text: its padding rows are dropped. Block-by-block
+    calibration never runs the LM head, whose logits (batch x length x vocabulary) it does not need."""
+    model = engine_llama()
+    embeds = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
+    batch = {"inputs_embeds": embeds, "attention_mask": mask}
+    targets = ["model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"]
+    seen = plain_inputs(model, targets, batch)
+    head_calls = []
+    hook = model.lm_head.register_forward_hook(lambda _m, _a, _out: head_calls.append(1))  # once it has run
+    try:
+        grams = all_grams(model, targets, [batch])
+    finally:
+        hook.remove()
+    assert head_calls == []
+    for target in targets:
+        rows = seen[target].reshape(-1, seen[target].shape[-1])[mask.reshape(-1).bool()].double()
         torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-5)
 
 
