@@ -497,7 +497,9 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     regression = getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1
     embeddings = model.get_input_embeddings()
-
+    # added to a tensor, a zero that requires grad makes it require grad without making it a leaf, so in-place writes
+    # into it stay legal (Kosmos-2 writes its image features into the token embeddings)
+    zero = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
     ran = set()
 
     def grad_hook(name):
@@ -507,13 +509,14 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
             def record(grad):
                 sums[name] += float(grad.detach().float().square().sum())
                 counts[name] += grad.numel()
-            if not output.requires_grad:  # not downstream of the input embeddings (a vision tower): a leaf of its own
-                output.requires_grad_()
+            if not output.requires_grad:  # not downstream of the input embeddings (a vision tower)
+                output = output + zero.to(output.dtype)
             output.register_hook(record)
+            return output
         return forward_hook
 
     handles = [model.get_submodule(t).register_forward_hook(grad_hook(t)) for t in targets]
-    handles.append(embeddings.register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    handles.append(embeddings.register_forward_hook(lambda _m, _a, out: out + zero.to(out.dtype)))
     try:
         model.requires_grad_(False)
         with torch.enable_grad():  # also when called under torch.no_grad()

@@ -476,9 +476,12 @@ def test_the_text_mask_applies_to_clip_text_and_not_to_its_vision_tower():
 
 
 def test_calibration_of_a_model_that_writes_image_features_into_its_embeddings():
-    """Kosmos-2 writes its image features into the token embeddings in place: the probe for off-text targets must
-    not make that tensor a leaf that requires grad (an in-place write into one is an error)."""
+    """Kosmos-2 writes its image features into the token embeddings in place: neither the probe for off-text
+    targets nor the output-sensitivity pass may make that tensor a leaf that requires grad (an in-place write into
+    one is an error)."""
     from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
+
+    from inhernet_hf.calibration import output_sensitivity
 
     torch.manual_seed(0)
     model = Kosmos2ForConditionalGeneration(Kosmos2Config(
@@ -499,6 +502,8 @@ def test_calibration_of_a_model_that_writes_image_features_into_its_embeddings()
         rows = seen[target].reshape(-1, 32).double()
         rows = rows[mask.reshape(-1).bool()] if target == text else rows
         torch.testing.assert_close(grams[target], rows.T @ rows, rtol=1e-5, atol=1e-5)
+    sensitivity = output_sensitivity(model, [vision, text], [batch], progressbar=False)
+    assert all(value > 0 for value in sensitivity.values())  # the image features reach the logits
 
 
 def test_inputs_embeds_batches_drop_their_padding_and_no_logits_are_computed():
