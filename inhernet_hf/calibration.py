@@ -152,7 +152,8 @@ def _off_text_targets(model: nn.Module, targets: list[str], batches: list[dict])
         return set()
     kwargs = _model_kwargs(model, batch)
     marker = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
-    token_ids = {kwargs[k].data_ptr() for k in ("input_ids", "decoder_input_ids") if k in kwargs}
+    token_ids = {kwargs[k].data_ptr() for k in ("input_ids", "decoder_input_ids")
+                 if isinstance(kwargs.get(k), torch.Tensor)}
     try:
         embeddings = [model.get_input_embeddings()]
     except (AttributeError, NotImplementedError):  # CLIPModel: the embeddings that read the batch's token ids
@@ -167,7 +168,8 @@ def _off_text_targets(model: nn.Module, targets: list[str], batches: list[dict])
             marked.append(module)
             if len(seen) == len(targets):  # every target ran before the text did: none is on it
                 raise _StopForward
-            return out + marker.to(out.dtype)  # not a leaf: models that write image features into it in place work
+            with torch.enable_grad():  # also where the model embeds under no_grad
+                return out + marker.to(out.device, out.dtype)  # not a leaf: in-place writes into it (Kosmos-2) work
         return None
 
     seen, on_text, reaches = set(), set(), {}
@@ -189,7 +191,7 @@ def _off_text_targets(model: nn.Module, targets: list[str], batches: list[dict])
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None):
             for key in ("inputs_embeds", "decoder_inputs_embeds"):
                 if isinstance(kwargs.get(key), torch.Tensor):
-                    kwargs[key] = kwargs[key] + marker.to(kwargs[key].dtype)
+                    kwargs[key] = kwargs[key] + marker.to(kwargs[key].device, kwargs[key].dtype)
                     marked.append(key)
             _run_until_stopped(model, (), kwargs)
     finally:
@@ -232,7 +234,8 @@ def _reused_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module, list[str
         return hook
 
     def stop(_module, _args):
-        raise _StopForward
+        if any(calls.values()):  # the output head, after the blocks (some models' "output embeddings" run first)
+            raise _StopForward
 
     handles = [block.register_forward_pre_hook(hook_for(name)) for name, block, _ in blocks]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -496,9 +499,8 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     config = getattr(model, "config", None)
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     regression = getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1
-    embeddings = model.get_input_embeddings()
-    # added to a tensor, a zero that requires grad makes it require grad without making it a leaf, so in-place writes
-    # into it stay legal (Kosmos-2 writes its image features into the token embeddings)
+    # added to a target's output, a zero that requires grad makes it require grad without making it a leaf, so the
+    # model's in-place writes into it stay legal
     zero = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
     ran = set()
 
@@ -509,14 +511,14 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
             def record(grad):
                 sums[name] += float(grad.detach().float().square().sum())
                 counts[name] += grad.numel()
-            if not output.requires_grad:  # not downstream of the input embeddings (a vision tower)
-                output = output + zero.to(output.dtype)
+            if not output.requires_grad:  # the first target on its path (parameters are frozen)
+                with torch.enable_grad():  # also where the model runs the target under no_grad: its gradient is 0
+                    output = output + zero.to(output.device, output.dtype)
             output.register_hook(record)
             return output
         return forward_hook
 
     handles = [model.get_submodule(t).register_forward_hook(grad_hook(t)) for t in targets]
-    handles.append(embeddings.register_forward_hook(lambda _m, _a, out: out + zero.to(out.dtype)))
     try:
         model.requires_grad_(False)
         with torch.enable_grad():  # also when called under torch.no_grad()

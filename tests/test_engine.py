@@ -506,13 +506,36 @@ def test_calibration_of_a_model_that_writes_image_features_into_its_embeddings()
     assert all(value > 0 for value in sensitivity.values())  # the image features reach the logits
 
 
+def test_output_sensitivity_of_a_target_the_model_runs_under_no_grad():
+    """A model may run part of itself under torch.no_grad() (CLIPSeg's backbone): the pass still measures how the
+    loss depends on that target's output, and a model without get_input_embeddings is fine."""
+    from types import SimpleNamespace
+
+    from inhernet_hf.calibration import output_sensitivity
+
+    class FrozenFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, pixel_values):
+            with torch.no_grad():
+                hidden = self.features(pixel_values)
+            return SimpleNamespace(logits=self.head(hidden))
+
+    torch.manual_seed(0)
+    sensitivity = output_sensitivity(FrozenFeatures(), ["features", "head"], [{"pixel_values": torch.randn(4, 8)}],
+                                     progressbar=False)
+    assert sensitivity["features"] > 0 and sensitivity["head"] > 0
+
+
 def test_inputs_embeds_batches_drop_their_padding_and_no_logits_are_computed():
     """A batch of inputs_embeds (no token ids to embed) is text: its padding rows are dropped. Block-by-block
     calibration never runs the LM head, whose logits (batch x length x vocabulary) it does not need."""
     model = engine_llama()
     embeds = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(2))
     mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
-    batch = {"inputs_embeds": embeds, "attention_mask": mask}
+    batch = {"input_ids": None, "inputs_embeds": embeds, "attention_mask": mask}
     targets = ["model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"]
     seen = plain_inputs(model, targets, batch)
     head_calls = []
