@@ -470,11 +470,20 @@ def _unpadded_row(batch: dict, row: int, encoder_decoder: bool) -> Optional[dict
     return {k: v[:, keep] if described(k, v) else v for k, v in single.items()}
 
 
-def _sampled_label_loss(logits: torch.Tensor, generator: torch.Generator, regression: bool) -> torch.Tensor:
+def _splits_by_row(batch: dict) -> bool:
+    """Whether every tensor of `batch` has one entry per example along dim 0 (a VLM's flattened image patches, or
+    several images per example, do not)."""
+    return len({v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}) <= 1
+
+
+def _sampled_label_loss(logits: torch.Tensor, generator: torch.Generator, regression: bool,
+                        keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The model's negative log-likelihood of targets drawn from its own predictive distribution (float32 logits
     (..., K)): a categorical over softmax(logits), or for a regression head a unit Gaussian around the outputs,
     whose loss 0.5 ||logits - y||^2 has the gradient -eps, eps ~ N(0, I) (a cross-entropy over one logit would have
-    none)."""
+    none). With `keep` (a flat mask over the positions of per-token logits), the other positions are left out."""
+    if keep is not None and logits[..., 0].numel() == keep.numel():
+        logits = logits.reshape(-1, logits.shape[-1])[keep.to(logits.device)]
     if regression:
         noise = torch.randn(logits.shape, generator=generator).to(logits.device)
         return 0.5 * (logits - (logits.detach() + noise)).square().sum()
@@ -490,7 +499,9 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
 
     The loss is the model's own negative log-likelihood of targets sampled from its predictions (the true Fisher,
     no labels needed; `_sampled_label_loss`). Each example runs alone without its padding, so padding enters neither
-    the loss nor the average. Parameters are frozen for the pass, so no weight gradient is allocated.
+    the loss nor the average. A batch whose inputs cannot be split by example (a VLM's flattened image patches) runs
+    whole: its padding positions are left out of the loss, and out of the averages of the targets on the text
+    (`_off_text_targets`). Parameters are frozen for the pass, so no weight gradient is allocated.
     """
     sums = {t: 0.0 for t in targets}
     counts = {t: 0 for t in targets}
@@ -503,14 +514,19 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     # model's in-place writes into it stay legal
     zero = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
     ran = set()
+    padding = {"keep": None, "off_text": set()}  # of the batch running whole, if any
 
     def grad_hook(name):
         def forward_hook(_module, _args, output):
             ran.add(name)
 
             def record(grad):
-                sums[name] += float(grad.detach().float().square().sum())
-                counts[name] += grad.numel()
+                rows = grad.detach().float().reshape(-1, grad.shape[-1])
+                keep = padding["keep"]
+                if keep is not None and name not in padding["off_text"] and rows.shape[0] == keep.numel():
+                    rows = rows[keep.to(rows.device)]
+                sums[name] += float(rows.square().sum())
+                counts[name] += rows.numel()
             if not output.requires_grad:  # the first target on its path (parameters are frozen)
                 with torch.enable_grad():  # also where the model runs the target under no_grad: its gradient is 0
                     output = output + zero.to(output.device, output.dtype)
@@ -523,17 +539,23 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
         model.requires_grad_(False)
         with torch.enable_grad():  # also when called under torch.no_grad()
             for batch in tqdm(batches, desc="Output sensitivity", disable=not progressbar):
-                for row in range(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]):
-                    single = _unpadded_row(batch, row, encoder_decoder)
-                    if single is None:
+                if _splits_by_row(batch):
+                    size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+                    runs = [(_unpadded_row(batch, row, encoder_decoder), None) for row in range(size)]
+                else:
+                    runs = [(batch, _flat_mask(batch))]
+                    padding["off_text"] = _off_text_targets(model, targets, [batch])
+                for inputs, keep in runs:
+                    if inputs is None:  # a row of padding only
                         continue
-                    outputs = model(**_model_kwargs(model, single))
+                    padding["keep"] = keep
+                    outputs = model(**_model_kwargs(model, inputs))
                     if getattr(outputs, "logits", None) is None:
                         raise ValueError(f"rank_allocation='activation' needs a model whose outputs have logits "
                                          f"(a ...ForCausalLM / ...ForSequenceClassification class); "
                                          f"{type(model).__name__} returns {type(outputs).__name__}. Load the model "
                                          f"with its head, or use rank_allocation='energy' / 'uniform'.")
-                    _sampled_label_loss(outputs.logits.float(), generator, regression).backward()
+                    _sampled_label_loss(outputs.logits.float(), generator, regression, keep).backward()
     finally:
         for handle in handles:
             handle.remove()

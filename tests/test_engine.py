@@ -529,6 +529,38 @@ def test_output_sensitivity_of_a_target_the_model_runs_under_no_grad():
     assert sensitivity["features"] > 0 and sensitivity["head"] > 0
 
 
+def test_output_sensitivity_of_flattened_image_patches_leaves_padding_out():
+    """Qwen2-VL takes all images' patches flattened into one (patches, features) tensor, so a batch cannot be split
+    by example (it used to fail there): it runs whole. Right padding added to both rows changes nothing, so the
+    padding enters neither the loss nor the text targets' averages."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from inhernet_hf.calibration import output_sensitivity
+
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=99,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        image_token_id=90, vision_start_token_id=91, vision_end_token_id=92)).eval()
+    ids = torch.randint(0, 80, (2, 12))
+    ids[:, 2], ids[:, 3:7], ids[:, 7] = 91, 90, 92  # 4 merged image tokens of a 4 x 4 patch grid
+    images = {"pixel_values": torch.randn(32, 24), "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]])}
+    batches = {}
+    for name, pad in (("unpadded", 0), ("padded", 3)):
+        tokens = torch.cat([ids, torch.zeros(2, pad, dtype=torch.long)], 1)
+        mask = torch.cat([torch.ones(2, 12), torch.zeros(2, pad)], 1).long()
+        batches[name] = {"input_ids": tokens, "attention_mask": mask, "mm_token_type_ids": (tokens == 90).long(),
+                         **images}
+    targets = ["model.visual.blocks.1.mlp.fc1", "model.language_model.layers.1.mlp.down_proj"]
+    results = {name: output_sensitivity(model, targets, [batch], progressbar=False) for name, batch in batches.items()}
+    assert all(value > 0 for value in results["unpadded"].values())
+    for target in targets:
+        assert results["padded"][target] == pytest.approx(results["unpadded"][target], rel=1e-4)
+
+
 def test_inputs_embeds_batches_drop_their_padding_and_no_logits_are_computed():
     """A batch of inputs_embeds (no token ids to embed) is text: its padding rows are dropped. Block-by-block
     calibration never runs the LM head, whose logits (batch x length x vocabulary) it does not need."""
