@@ -13,6 +13,7 @@ blocks (encoder-decoders, multi-tower VLMs) fall back to one pass over the whole
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -137,6 +138,30 @@ TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "posit
                          "decoder_input_ids", "decoder_attention_mask"})
 
 
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters not requiring grad inside the block (no weight gradient is built), their flags restored after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _grad_zero(model: nn.Module) -> torch.Tensor:
+    """A zero that requires grad: `_plus_zero` links a tensor to the autograd graph through it."""
+    return torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
+
+
+def _plus_zero(tensor: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """`tensor` + `zero`: the same values, requiring grad (also under no_grad) without being a leaf, so in-place
+    writes into it stay legal (Kosmos-2 writes its image features into the token embeddings)."""
+    with torch.enable_grad():
+        return tensor + zero.to(tensor.device, tensor.dtype)
+
+
 def _off_text_targets(model: nn.Module, targets: list[str], batches: list[dict]) -> set[str]:
     """Targets whose inputs do not come from the token embeddings (a vision tower, a multimodal projector): the
     attention mask does not describe their rows, even where their number coincides with the mask's.
@@ -151,7 +176,7 @@ def _off_text_targets(model: nn.Module, targets: list[str], batches: list[dict])
     if batch is None:
         return set()
     kwargs = _model_kwargs(model, batch)
-    marker = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
+    marker = _grad_zero(model)
     token_ids = {kwargs[k].data_ptr() for k in ("input_ids", "decoder_input_ids")
                  if isinstance(kwargs.get(k), torch.Tensor)}
     try:
@@ -168,8 +193,7 @@ def _off_text_targets(model: nn.Module, targets: list[str], batches: list[dict])
             marked.append(module)
             if len(seen) == len(targets):  # every target ran before the text did: none is on it
                 raise _StopForward
-            with torch.enable_grad():  # also where the model embeds under no_grad
-                return out + marker.to(out.device, out.dtype)  # not a leaf: in-place writes into it (Kosmos-2) work
+            return _plus_zero(out, marker)
         return None
 
     seen, on_text, reaches = set(), set(), {}
@@ -183,22 +207,19 @@ def _off_text_targets(model: nn.Module, targets: list[str], batches: list[dict])
                 raise _StopForward
         return hook
 
-    flags = {p: p.requires_grad for p in model.parameters()}
     handles = [model.get_submodule(t).register_forward_pre_hook(hook_for(t)) for t in targets]
     handles += [m.register_forward_hook(mark) for m in embeddings]
     try:
-        model.requires_grad_(False)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None):
+        with _frozen(model), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None):
             for key in ("inputs_embeds", "decoder_inputs_embeds"):
                 if isinstance(kwargs.get(key), torch.Tensor):
-                    kwargs[key] = kwargs[key] + marker.to(kwargs[key].device, kwargs[key].dtype)
+                    kwargs[key] = _plus_zero(kwargs[key], marker)
                     marked.append(key)
             _run_until_stopped(model, (), kwargs)
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     return seen - on_text if marked else set()  # token embeddings not found: keep the row-count rule
 
 
@@ -506,15 +527,15 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     sums = {t: 0.0 for t in targets}
     counts = {t: 0 for t in targets}
     generator = torch.Generator().manual_seed(seed)
-    flags = {p: p.requires_grad for p in model.parameters()}
     config = getattr(model, "config", None)
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     regression = getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1
-    # added to a target's output, a zero that requires grad makes it require grad without making it a leaf, so the
-    # model's in-place writes into it stay legal
-    zero = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
+    zero = _grad_zero(model)
     ran = set()
-    padding = {"keep": None, "off_text": set()}  # of the batch running whole, if any
+    # batches that cannot be split by example run whole; their padding is left out of the text targets' averages
+    whole = {"keep": None, "off_text": set()}
+    if not all(_splits_by_row(batch) for batch in batches):
+        whole["off_text"] = _off_text_targets(model, targets, batches)
 
     def grad_hook(name):
         def forward_hook(_module, _args, output):
@@ -522,33 +543,30 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
 
             def record(grad):
                 rows = grad.detach().float().reshape(-1, grad.shape[-1])
-                keep = padding["keep"]
-                if keep is not None and name not in padding["off_text"] and rows.shape[0] == keep.numel():
+                keep = whole["keep"]
+                if keep is not None and name not in whole["off_text"] and rows.shape[0] == keep.numel():
                     rows = rows[keep.to(rows.device)]
                 sums[name] += float(rows.square().sum())
                 counts[name] += rows.numel()
-            if not output.requires_grad:  # the first target on its path (parameters are frozen)
-                with torch.enable_grad():  # also where the model runs the target under no_grad: its gradient is 0
-                    output = output + zero.to(output.device, output.dtype)
+            if not output.requires_grad:  # the first target on its path (parameters are frozen), or run under no_grad
+                output = _plus_zero(output, zero)
             output.register_hook(record)
             return output
         return forward_hook
 
     handles = [model.get_submodule(t).register_forward_hook(grad_hook(t)) for t in targets]
     try:
-        model.requires_grad_(False)
-        with torch.enable_grad():  # also when called under torch.no_grad()
+        with _frozen(model), torch.enable_grad():  # also when called under torch.no_grad()
             for batch in tqdm(batches, desc="Output sensitivity", disable=not progressbar):
                 if _splits_by_row(batch):
                     size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
                     runs = [(_unpadded_row(batch, row, encoder_decoder), None) for row in range(size)]
                 else:
                     runs = [(batch, _flat_mask(batch))]
-                    padding["off_text"] = _off_text_targets(model, targets, [batch])
                 for inputs, keep in runs:
                     if inputs is None:  # a row of padding only
                         continue
-                    padding["keep"] = keep
+                    whole["keep"] = keep
                     outputs = model(**_model_kwargs(model, inputs))
                     if getattr(outputs, "logits", None) is None:
                         raise ValueError(f"rank_allocation='activation' needs a model whose outputs have logits "
@@ -559,7 +577,5 @@ def output_sensitivity(model: nn.Module, targets: list[str], batches: list[dict]
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     _check_all_ran(targets, ran)
     return {t: sums[t] / max(counts[t], 1) for t in targets}  # 0 for a target whose output the logits never use
