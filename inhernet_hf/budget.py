@@ -49,12 +49,55 @@ def plan_layer(name: str, module: nn.Module, config: InherConfig) -> LayerRecord
     record = LayerRecord(name, in_f, out_f, has_bias, None, config.num_heads, dense, dense)
     count = param_counter(record, config)
     request, _ = rank_request(name, config)
-    if isinstance(request, int):
-        rank = request
-    else:  # solve params(rank) = ratio * dense, to the nearest allowed rank
-        rank = _round_rank((request * dense - count(0)) / (count(1) - count(0)), config)
-    set_rank(record, rank, count)
+    set_rank(record, request if isinstance(request, int) else _ratio_rank(request, record, count, config), count)
     return record
+
+
+def _ratio_rank(ratio: float, record: LayerRecord, count: Callable[[int], int], config: InherConfig) -> int:
+    """The allowed rank nearest to the solution of params(rank) = ratio * dense."""
+    return _round_rank((ratio * record.dense_params - count(0)) / (count(1) - count(0)), config)
+
+
+def fit_uniform_ranks(records: list[LayerRecord], config: InherConfig) -> None:
+    """Bring uniform ranks within their budget: rounding to the nearest allowed rank can keep more than the ratio asks
+    (SmolLM2 at 0.8 with 3 heads and rank_multiple 16: 0.827). For each requested ratio (`target_ratio`, or a float in
+    `rank_pattern`), while its layers hold more than ratio * their dense parameters, one layer shape goes down one
+    `rank_multiple` step: of the shapes rounded up (or kept dense) the one freeing the fewest parameters that still
+    closes the gap, else the one furthest above its share; only when none is left do the others go below the ratio.
+    Every layer of a shape keeps one rank. Raises when `min_rank` stops it above the budget. Mutates `records`."""
+    shapes: dict[tuple[float, bool], dict[tuple, list[LayerRecord]]] = {}
+    for record in records:
+        request, from_pattern = rank_request(record.name, config)
+        if not isinstance(request, int):
+            key = (record.in_features, record.out_features, record.bias)
+            shapes.setdefault((request, from_pattern), {}).setdefault(key, []).append(record)
+    floor = _round_rank(config.min_rank, config)
+    for (ratio, from_pattern), groups in shapes.items():
+        count = {key: param_counter(group[0], config) for key, group in groups.items()}
+        rank = {key: _ratio_rank(ratio, group[0], count[key], config) for key, group in groups.items()}
+
+        def excess(key: tuple) -> float:
+            return sum(r.params - ratio * r.dense_params for r in groups[key])
+
+        while (over := sum(excess(key) for key in groups)) > 0:
+            lowerable = [key for key in groups if rank[key] - config.rank_multiple >= floor]
+            if not lowerable:
+                held = sum(r.params for g in groups.values() for r in g)
+                budget = ratio * sum(r.dense_params for g in groups.values() for r in g)
+                asked = f"the rank_pattern ratio {ratio}" if from_pattern else f"target_ratio={ratio}"
+                raise ValueError(f"{asked} cannot be met with rank_allocation='uniform': at "
+                                 f"min_rank={config.min_rank} (rank_multiple={config.rank_multiple}) its layers hold "
+                                 f"{held:,} parameters, above the budget of {int(budget):,}. Lower min_rank / "
+                                 f"rank_multiple or raise the ratio.")
+            rounded_up = [key for key in lowerable if excess(key) > 0]
+            candidates = rounded_up or lowerable  # others go below the ratio only to pay for shapes that cannot
+            saved = {k: sum(r.params for r in groups[k]) - len(groups[k]) * count[k](rank[k] - config.rank_multiple)
+                     for k in candidates}  # what one step down frees (a dense-kept layer: all it holds beyond that)
+            enough = [k for k in candidates if saved[k] >= over]
+            key = min(enough, key=saved.get) if enough else max(candidates, key=excess)
+            rank[key] -= config.rank_multiple
+            for record in groups[key]:
+                set_rank(record, rank[key], count[key])
 
 
 def set_rank(record: LayerRecord, rank: Optional[int], count: Callable[[int], int], note: str = "") -> None:

@@ -78,7 +78,8 @@ class InherConfig:
         metadata={
             "help": "Fraction in (0, 1] of the targeted layers' dense parameters that the inherited layers keep, "
             "counting everything they hold (down-projection, heads, head biases, gate). Exactly one of `r` and "
-            "`target_ratio`. Layers of the same shape get the same rank."
+            "`target_ratio`. Never exceeded: with rank_allocation='uniform' each layer shape gets one rank, the "
+            "nearest allowed one, and shapes rounded up go down one `rank_multiple` step while the total is above it."
         },
     )
     num_heads: int = field(default=2, metadata={"help": "Number M of up-projection heads mixed by the gate."})

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from .budget import allocate_ranks, pattern_matches, plan_layer
+from .budget import allocate_ranks, fit_uniform_ranks, pattern_matches, plan_layer
 from .calibration import block_grams, output_sensitivity, prepare_calibration
 from .card import model_card
 from .config import InherConfig
@@ -123,6 +123,8 @@ def get_inher_model(
         raise ValueError(f"rank_pattern keys {unused} match no targeted module (a key must match the end of a full "
                          f"name, e.g. 'mlp\\.down_proj' or r'layers\\.0\\..*'); targets look like {targets[0]!r}.")
     records = [plan_layer(name, module, config) for name, module in modules.items()]
+    if config.rank_allocation == "uniform":
+        fit_uniform_ranks(records, config)
     modes = {name: module.training for name, module in model.named_modules()}
     model.eval()  # calibration passes without dropout; every module's mode is restored after
     try:

@@ -81,7 +81,8 @@ def targeted_param_count(model: nn.Module, config: InherConfig) -> int:
 
 def matched_target_ratio(model: nn.Module, num_params: int, config: Optional[InherConfig] = None) -> float:
     """The `target_ratio` at which `get_inher_model(model, config)` has `num_params` parameters in total: the
-    untargeted parameters stay, the targeted ones shrink to the ratio (realised within InherConfig's +-1%)."""
+    untargeted parameters stay, the targeted ones shrink to the ratio (realised at or below it, within 1%), so the
+    inherited model is never larger than the student it is matched to."""
     config = config or InherConfig(target_ratio=0.5)  # only the target modules matter here
     total = sum(p.numel() for p in model.parameters())
     targeted = targeted_param_count(model, config)

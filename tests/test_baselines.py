@@ -283,6 +283,6 @@ def test_matched_target_ratio_gives_the_students_size(minilm_classifier):
     inherited = get_inher_model(copy.deepcopy(minilm_classifier),
                                 InherConfig(target_ratio=ratio, num_heads=2, task_type="SEQ_CLS"), progressbar=False)
     total = sum(p.numel() for p in inherited.parameters())
-    assert abs(total / student_params - 1) < 0.005, (total, student_params, ratio)
+    assert 0.995 < total / student_params <= 1, (total, student_params, ratio)  # never larger than the student
     with pytest.raises(ValueError, match="cannot be reached by inheritance"):
         matched_target_ratio(minilm_classifier, 1_000_000, config)  # fewer than the embeddings alone

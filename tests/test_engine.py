@@ -12,6 +12,7 @@ from torch import nn
 
 from inhernet_hf import InherConfig, InherLinear, get_inher_model
 from inhernet_hf.factor import spectrum
+from inhernet_hf.layer import inher_num_params
 from recipes import DATA_DIR
 from reference import minilm_path, rank_r_reference, requires_cuda, tiny_llama
 
@@ -261,6 +262,34 @@ def test_allocation_meets_budget_with_min_rank_multiple_and_pattern(allocation):
     assert len(set(inherited_ranks)) > 1  # ranks really differ across layers
 
 
+@pytest.mark.parametrize("ratio, heads, nearest, fitted", [
+    (0.8, 3, {"q_proj": 112, "k_proj": 80, "v_proj": 80, "o_proj": 112, "gate_proj": 144, "up_proj": 144,
+              "down_proj": 224}, {"gate_proj": 128, "up_proj": 128}),
+    (0.5, 2, {"q_proj": 96, "k_proj": 64, "v_proj": 64, "o_proj": 96, "gate_proj": 128, "up_proj": 128,
+              "down_proj": 160}, {"q_proj": 80, "o_proj": 80}),
+])
+def test_uniform_ranks_never_exceed_the_ratio(ratio, heads, nearest, fitted):
+    """SmolLM2-135M's projection shapes with rank_multiple 16 (recipes/speed.py). Rounded to the nearest multiple, the
+    ranks keep more than the ratio (0.8, M = 3: gate/up get 144 for 136.45 asked, down 224 for 216.64). One shape goes
+    down one step: at 0.8 gate/up (the only step that closes the gap alone: -16 * 5187 * 2 against 0.027 of the
+    block), at 0.5 q/o (the cheapest step that closes it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                                         num_attention_heads=9, num_key_value_heads=3))
+    shapes = {n.split(".")[-1]: model.get_submodule(n).weight.shape for n, _ in model.named_modules()
+              if n.endswith("_proj")}
+    dense = sum(o * i for o, i in shapes.values())
+    held_nearest = sum(inher_num_params(i, o, nearest[n], heads, False) for n, (o, i) in shapes.items())
+    assert held_nearest / dense > ratio  # the case is real: nearest rounding overshoots
+    report = get_inher_model(model, InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=16, init="random"),
+                             progressbar=False).report()
+    assert {r.name.split(".")[-1]: r.rank for r in report.rows} == {**nearest, **fitted}
+    held = sum(inher_num_params(i, o, {**nearest, **fitted}[n], heads, False) for n, (o, i) in shapes.items())
+    assert report.params == held and report.ratio == held / dense <= ratio
+    assert report.ratio == pytest.approx({0.8: 0.78025, 0.5: 0.49867}[ratio], abs=1e-5)
+
+
 def test_activation_allocation_differs_from_energy():
     configs = {a: InherConfig(target_ratio=0.5, num_heads=1, rank_allocation=a) for a in ("energy", "activation")}
     ranks = {}
@@ -320,6 +349,11 @@ def assert_untouched(model, reference):
          r"rank_pattern keys \['mlp'\] match no targeted module"),
         (dict(target_ratio=0.05, rank_allocation="energy", min_rank=16), None, ValueError,
          "target_ratio=0.05 cannot be met: min_rank=16"),
+        (dict(target_ratio=0.05, min_rank=16), None, ValueError,
+         r"target_ratio=0.05 cannot be met with rank_allocation='uniform': at min_rank=16 \(rank_multiple=1\)"),
+        (dict(r=4, rank_multiple=8, rank_pattern={"down_proj": 0.2}), None, ValueError,  # 3 * (8*128 + 2*8*64 + 18)
+         "the rank_pattern ratio 0.2 cannot be met with rank_allocation='uniform': .* 6,198 parameters, above the "
+         "budget of 4,915"),
     ],
 )
 def test_bad_requests_fail_clearly_and_leave_model_untouched(config, data, error, message):
