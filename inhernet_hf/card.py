@@ -70,6 +70,9 @@ Compressed by neural network inheritance with `inhernet_hf` from
 """ if eval_results else "") + """
 ## Use
 
+Needs `pip install inhernet_hf` and `import inhernet_hf` before loading: without it, transformers refuses this
+checkpoint (its config.json has model type `inhernet_hf`).
+
 ```python
 import inhernet_hf  # registers the inherited layers with transformers
 from transformers import AutoModel  # or the AutoModelFor* class of the task

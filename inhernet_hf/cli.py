@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoTokenizer
 from .calibration import sample_windows
 from .config import INIT_CHOICES, RANK_ALLOCATION_CHOICES, InherConfig
 from .integration import QUANT_METHOD, InherQuantizationConfig
-from .model import build_skeleton, get_inher_model, model_class_for, report_from_description
+from .model import get_inher_model, model_class_for
+from .skeleton import build_skeleton, report_from_description
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 

@@ -1,7 +1,11 @@
-"""Feature-level distillation baselines for a student classifier: HKT and HCD (the seed papers' baselines; Hinton
-KD is `training.DistillationLoss`). Each is a `train` loss function, `loss_fn(model, batch) -> (loss, logs)`, with
-the frozen teacher inside; HCD's training-only branches are an `nn.Module` (`loss_fn.branches`) that the recipe
-trains with the student and never saves with it.
+"""Every distillation loss of the recipes. Each `*Loss` class is a `train` loss function,
+`loss_fn(model, batch) -> (loss, logs)`, with the frozen teacher inside.
+
+`DistillationLoss`: the model's own loss mixed with Hinton KD (`kd_kl_loss`; `kd_mse_loss` for regression;
+token-level on the answer tokens of a causal LM), plus an optional layer-wise `hidden_state_loss`.
+
+The seed papers' feature-level baselines for a student classifier: HKT and HCD; HCD's training-only branches are
+an `nn.Module` (`loss_fn.branches`) that the recipe trains with the student and never saves with it.
 
 Features (for sequence classifiers):
 * penultimate feature: the input of the classification head (`classifier` or `score`), captured by a hook, (B, C)
@@ -21,7 +25,7 @@ HCD (Heterogeneous Complementary Distillation, arXiv 2511.10942), per student st
 
 Under mixed precision the student's forward runs under autocast (Accelerate wraps it), but the loss functions call
 the teacher and the heads or branches themselves: they run them under the `autocast` context they are given (the
-accelerator's `autocast`), as `training.DistillationLoss` runs its teacher.
+accelerator's `autocast`), as `DistillationLoss` runs its teacher.
 """
 
 from __future__ import annotations
@@ -217,3 +221,142 @@ class HCDLoss:
             sub_logits = self.branches(stages, parent["feature"])
         return hcd_loss(outputs.logits, teacher_logits, sub_logits, batch["labels"], self.lam, self.beta, self.theta,
                         self.temperature)
+
+
+def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.device, torch.bool).expand_as(values)
+    count = mask.sum()
+    return torch.where(mask, values, 0.0).sum() / count.clamp(min=1)
+
+
+def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over the last (class / vocabulary) axis and averaged
+    over every other position: rows of a (batch, classes) pair, or the tokens where `mask` is True of a
+    (batch, length, vocab) pair. Computed in float32."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
+    return temperature**2 * _masked_mean(kl, mask)
+
+
+def kd_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared error between student and teacher outputs (regression), averaged where `mask` is True."""
+    err = (student_logits.float() - teacher_logits.detach().float()) ** 2
+    if mask is not None:
+        mask = mask.to(err.device, torch.bool)
+        while mask.ndim < err.ndim:
+            mask = mask.unsqueeze(-1)
+    return _masked_mean(err, mask)
+
+
+def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Layer-wise relative error of the hidden states: the mean over layers l of
+    sum ||h_s^l - h_t^l||^2 / sum ||h_t^l||^2, the sums over the positions where `mask` (batch, length) is 1.
+
+    Takes the models' `hidden_states` tuples (the embeddings, then one (batch, length, hidden) entry per layer, the
+    last one after the final norm in models that have one, as Llama); the embeddings are skipped. Computed in
+    float32."""
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"hidden-state distillation matches layers one to one, but the student has "
+                         f"{len(student_hidden) - 1} layers and the teacher {len(teacher_hidden) - 1}.")
+    keep = None if mask is None else mask.to(student_hidden[-1].device, torch.bool)
+    errors = []
+    for student, teacher in zip(student_hidden[1:], teacher_hidden[1:]):
+        if student.shape != teacher.shape:
+            raise ValueError(f"hidden-state distillation needs equal hidden-state shapes; the student's are "
+                             f"{tuple(student.shape)}, the teacher's {tuple(teacher.shape)}.")
+        teacher = teacher.detach().float()
+        diff = (student.float() - teacher).pow(2).sum(-1)
+        norm = teacher.pow(2).sum(-1)
+        if keep is not None:
+            diff, norm = diff[keep], norm[keep]
+        errors.append(diff.sum() / norm.sum().clamp(min=torch.finfo(torch.float32).tiny))
+    return torch.stack(errors).mean()
+
+
+def check_hidden_states_match(student_config, teacher_config) -> None:
+    """Raises ValueError unless the student can be distilled layer by layer from the teacher (`hidden_state_loss`):
+    the same number of layers and the same hidden size."""
+    student = (student_config.num_hidden_layers, student_config.hidden_size)
+    teacher = (teacher_config.num_hidden_layers, teacher_config.hidden_size)
+    if student != teacher:
+        raise ValueError(f"--kd_hidden_weight matches hidden states layer by layer, so the student needs the "
+                         f"teacher's (layers, hidden size) = {teacher}; it has {student}.")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor,
+                      alpha: float, temperature: float = 1.0, kind: str = "kl",
+                      mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - alpha) * hard_loss + alpha * soft, with soft = `kd_kl_loss` (kind 'kl', Hinton et al.) or `kd_mse_loss`
+    (kind 'mse', regression; the temperature is unused). Returns (total, soft)."""
+    if kind == "kl":
+        soft = kd_kl_loss(student_logits, teacher_logits, temperature, mask)
+    elif kind == "mse":
+        soft = kd_mse_loss(student_logits, teacher_logits, mask)
+    else:
+        raise ValueError(f"kind must be 'kl' or 'mse', got {kind!r}.")
+    return (1.0 - alpha) * hard_loss + alpha * soft, soft
+
+
+class DistillationLoss:
+    """Per-batch loss for `train`: the model's own loss (`outputs.loss`, computed from `batch['labels']`), mixed
+    with a KD term against the frozen `teacher` when `alpha > 0`, plus `hidden_weight` times the layer-wise
+    `hidden_state_loss` (on the tokens of `batch['attention_mask']`) when `hidden_weight > 0`. Either needs a
+    teacher; with neither, the teacher is not used.
+
+    `token_level=True` is for causal LMs: logits at position i predict token i+1, so the KD term compares
+    `logits[:, :-1]` on the positions whose next-token label is not `ignore_index` (the answer tokens); only those
+    rows are selected before the softmaxes, so no (batch, length, vocab) float32 copy is made.
+    """
+
+    def __init__(self, teacher: Optional[nn.Module] = None, alpha: float = 0.0, temperature: float = 1.0,
+                 kind: str = "kl", token_level: bool = False, ignore_index: int = -100,
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+                 hidden_weight: float = 0.0) -> None:
+        if kind not in ("kl", "mse"):
+            raise ValueError(f"kind must be 'kl' or 'mse', got {kind!r}.")
+        distils = alpha > 0 or hidden_weight > 0
+        if distils and teacher is None:
+            raise ValueError(f"alpha={alpha} / hidden_weight={hidden_weight} distil from a teacher, but none was "
+                             f"given (pass the teacher, or alpha=0 and hidden_weight=0).")
+        self.teacher = teacher if distils else None
+        self.alpha, self.temperature, self.kind, self.hidden_weight = alpha, temperature, kind, hidden_weight
+        self.token_level, self.ignore_index = token_level, ignore_index
+        self.autocast = autocast or contextlib.nullcontext
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden_kwargs = {"output_hidden_states": True} if self.hidden_weight > 0 else {}
+        outputs = model(**batch, **hidden_kwargs)
+        hard = outputs.loss
+        if hard is None:
+            raise ValueError("The model returned no loss: the batch needs 'labels'.")
+        if self.teacher is None:
+            return hard, {}
+        student_logits, student_hidden = outputs.logits, outputs.hidden_states if hidden_kwargs else None
+        del outputs  # keep only what the terms need: no other output of either model outlives this call
+        with torch.no_grad(), self.autocast():
+            teacher = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}, **hidden_kwargs)
+        teacher_logits, teacher_hidden = teacher.logits, teacher.hidden_states if hidden_kwargs else None
+        del teacher
+        loss, logs = hard, {"task_loss": hard.detach()}
+        if self.alpha > 0:
+            if self.token_level:  # only the answer positions' rows (n_answer, vocab) go through the softmaxes
+                answer = batch["labels"][:, 1:] != self.ignore_index
+                student_logits, teacher_logits = student_logits[:, :-1][answer], teacher_logits[:, :-1][answer]
+            loss, soft = distillation_loss(student_logits, teacher_logits, hard, self.alpha, self.temperature,
+                                           self.kind)
+            logs["kd_loss"] = soft.detach()
+        del student_logits, teacher_logits
+        if self.hidden_weight > 0:
+            hidden = hidden_state_loss(student_hidden, teacher_hidden, batch.get("attention_mask"))
+            loss = loss + self.hidden_weight * hidden
+            logs["hidden_loss"] = hidden.detach()
+        return loss, logs
+

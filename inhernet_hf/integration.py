@@ -1,24 +1,45 @@
-"""Plain-transformers loading: a quantization config/quantizer pair registered through transformers' public hooks.
+"""Loading with plain transformers, loud or right: our own `model_type`, and a quantizer registered through
+transformers' public hooks.
 
-An inherited model's `config.json` carries `quantization_config = {"quant_method": "inhernet", ...}` with the
-rank of every targeted layer. After `import inhernet_hf`, `AutoModelFor*.from_pretrained` finds our quantizer,
-which swaps the targets for empty `InherLinear` skeletons on the meta device (no dense weight is allocated,
-no SVD recomputed) and checks the checkpoint's safetensors headers before any tensor is read.
+An inherited model's `config.json` says `"model_type": "inhernet_hf"` (the base model's type, e.g. "bert", is kept
+under `inher_base_model_type`) and carries `quantization_config = {"quant_method": "inhernet", ...}` with the rank of
+every targeted layer. In a process that never imported this package, transformers does not know that model type, so
+every `AutoConfig` / `AutoModel*` / `pipeline()` load raises, naming `inhernet_hf`, whatever `trust_remote_code` says
+(it cannot quietly build the dense model with random layers, as it would for an unknown `quant_method`). After
+`import inhernet_hf`, `AutoConfig` reads such a config as the base model's own config class, so everything downstream
+sees an ordinary `BertConfig`/`LlamaConfig`, and `from_pretrained` finds our quantizer, which swaps the targets for
+empty `InherLinear` skeletons on the meta device (no dense weight allocated, no SVD recomputed) and checks the
+checkpoint's safetensors headers before any tensor is read. Saving an inherited model, by any route
+(`save_pretrained`, `push_to_hub`, Trainer), writes that model type.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
+import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from safetensors import safe_open
+import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .layer import InherLinear
+from .skeleton import build_skeleton
+
 QUANT_METHOD = "inhernet"
-FORMAT_VERSION = 1
+MODEL_TYPE = "inhernet_hf"  # config.json's model_type: unknown to transformers unless this package is imported
+BASE_MODEL_TYPE_KEY = "inher_base_model_type"  # config.json: the base model's own model_type
+# 1: model_type of the base model (loads silently wrong without this package); 2: model_type "inhernet_hf".
+FORMAT_VERSION = 2
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
+logger = logging.getLogger(__name__)
 
 # Set by `InherModel.from_pretrained(..., use_safetensors=False)`: the one explicit way to read a pickle.
 ALLOW_PICKLE = contextvars.ContextVar("inhernet_allow_pickle", default=False)
@@ -57,8 +78,12 @@ class InherQuantizationConfig(QuantizationConfigMixin):
         if kwargs:
             raise ValueError(f"Unknown fields {sorted(kwargs)} in the inhernet quantization_config of format "
                              f"version {format_version}; the file is corrupt or was edited by hand.")
+        if format_version < FORMAT_VERSION:
+            logger.warning("This checkpoint is in inhernet_hf's older format %d: it loads, but a process without "
+                           "inhernet_hf loads it as a dense model with random layers. Save it again (save_pretrained) "
+                           "to write format %d, which such a process refuses.", format_version, FORMAT_VERSION)
         self.quant_method = quant_method
-        self.format_version = format_version
+        self.format_version = FORMAT_VERSION  # what a save of the loaded model writes
         self.library_version = library_version
         self.inher_config = inher_config
         self.layers = layers
@@ -75,11 +100,17 @@ class InherHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .model import build_skeleton
-
+        if model.config.__dict__.pop(BASE_MODEL_TYPE_KEY, None) is not None:
+            # A concrete class's own config reader (BertConfig.from_pretrained) set config.json's model_type as an
+            # instance attribute, shadowing the class's; transformers picks key renamings by it.
+            model.config.__dict__.pop("model_type", None)
         build_skeleton(model, self.quantization_config)
         if checkpoint_files:
             check_checkpoint(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        check_finite(model)
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
@@ -92,6 +123,66 @@ class InherHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+class InherAutoConfig(PreTrainedConfig):
+    """What `AutoConfig` resolves `model_type: "inhernet_hf"` to: `from_dict` returns the base model's own config
+    (its class from `inher_base_model_type`), so the AutoModel* classes, pipelines and tools see the base
+    architecture, and the `quantization_config` it carries brings in `InherHfQuantizer`."""
+
+    model_type = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        base = config_dict.get(BASE_MODEL_TYPE_KEY)
+        if base not in CONFIG_MAPPING:
+            raise ValueError(f"This inhernet_hf config.json names base model type {base!r} under "
+                             f"{BASE_MODEL_TYPE_KEY!r}, which transformers does not know; the file is corrupt, or "
+                             f"was written for a newer transformers.")
+        base_dict = {k: v for k, v in config_dict.items() if k != BASE_MODEL_TYPE_KEY}
+        return CONFIG_MAPPING[base].from_dict({**base_dict, "model_type": base}, **kwargs)
+
+
+def _writes_inherited_model_type(to_json_string):
+    """Wrap `PreTrainedConfig.to_json_string` (what config.json is written from): a config that carries our
+    quantization_config is written with model_type "inhernet_hf", its own model type kept beside it."""
+
+    @functools.wraps(to_json_string)
+    def wrapper(self, use_diff: bool = True) -> str:
+        text = to_json_string(self, use_diff)
+        description = getattr(self, "quantization_config", None)
+        method = description.get("quant_method") if isinstance(description, dict) else getattr(description,
+                                                                                               "quant_method", None)
+        if method != QUANT_METHOD:
+            return text
+        data = json.loads(text)
+        data[BASE_MODEL_TYPE_KEY] = self.model_type
+        data["model_type"] = MODEL_TYPE
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    wrapper.inhernet_wrapped = True
+    return wrapper
+
+
+def register_model_type() -> None:
+    """Teach transformers model_type "inhernet_hf" (reading) and make inherited configs write it (saving)."""
+    if MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(MODEL_TYPE, InherAutoConfig)
+    if not getattr(PreTrainedConfig.to_json_string, "inhernet_wrapped", False):
+        PreTrainedConfig.to_json_string = _writes_inherited_model_type(PreTrainedConfig.to_json_string)
+
+
+register_model_type()
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise ValueError naming every inherited tensor that holds NaN or Inf after loading (meta tensors, offloaded
+    by a device_map, are skipped)."""
+    bad = [f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, InherLinear)
+           for p, t in module.named_parameters() if t.device.type != "meta" and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"The checkpoint's inherited tensors {bad[:10]}{' ...' if len(bad) > 10 else ''} hold NaN "
+                         f"or Inf values: the file is damaged, or the model diverged before it was saved.")
 
 
 def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
@@ -118,19 +209,22 @@ def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
 def check_checkpoint(model: nn.Module, checkpoint_files: list[str]) -> None:
     """Compare the checkpoint's tensor names and shapes (read from the safetensors headers, no data) with the
     inherited layers of `model`. Missing, extra or wrongly shaped tensors raise a ValueError naming them."""
-    from .layer import InherLinear
-
     pickles = [f for f in checkpoint_files if not str(f).endswith(".safetensors")]
     if pickles and not ALLOW_PICKLE.get():
         raise ValueError(
             f"Refusing to unpickle {[Path(f).name for f in pickles]}: inhernet_hf checkpoints are safetensors. "
             f"To load a pickle you trust, call InherModel.from_pretrained(..., use_safetensors=False)."
         )
-    stored = {}  # name in the checkpoint -> shape
+    stored, dtypes = {}, {}  # name in the checkpoint -> shape, dtype
     for file in checkpoint_files:
         if str(file).endswith(".safetensors"):
-            with safe_open(str(file), framework="pt") as f:
-                stored.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for k in f.keys():
+                        stored[k], dtypes[k] = tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()
+            except SafetensorError as err:
+                raise ValueError(f"{file} is not a complete safetensors file ({err}): the download or copy was cut "
+                                 f"short or the file is damaged. Delete it and fetch or copy it again.") from None
     if not stored:
         return  # only trusted pickles: transformers reports their keys itself
     shapes = {target: (key, stored[key]) for key, target in checkpoint_names(model, list(stored)).items()}
@@ -150,6 +244,9 @@ def check_checkpoint(model: nn.Module, checkpoint_files: list[str]) -> None:
             elif shapes[tensor][1] != shape:
                 problems.append(f"tensor {shapes[tensor][0]} has shape {shapes[tensor][1]} in the checkpoint, "
                                 f"{shape} in the model built from config.json")
+            elif dtypes[shapes[tensor][0]] not in FLOAT_DTYPES:
+                problems.append(f"tensor {shapes[tensor][0]} is stored as {dtypes[shapes[tensor][0]]}; an inherited "
+                                f"layer's tensors are floating point ({', '.join(FLOAT_DTYPES)})")
         for tensor, (key, shape) in shapes.items():
             if tensor.startswith(name + ".inher_") and tensor not in expected:
                 problems.append(f"extra tensor {key} {shape} not in the inherited layer {name}")

@@ -30,13 +30,16 @@ from glue_table import MAIN_METRIC, RECIPE, add_launch_args, check_table_args, k
 
 STUDENT_METHODS = {"student": ["--kd_alpha", "0"], "student_kd": [], "student_hkt": ["--distill_method", "hkt"],
                    "student_hcd": ["--distill_method", "hcd"]}
-INHER_METHODS = {"lowrank": ["--inher_num_heads", "1", "--inher_gate", "none", "--kd_alpha", "0"],
-                 "inher": ["--kd_alpha", "0"], "inher_kd": [],
+# The rows compare InherNet's parts as the paper does: each SVD row names --inher_init svd (the data-free init, with
+# uniform ranks) rather than taking glue.py's default (whitened init + activation ranks, the inher_whitened row).
+SVD = ["--inher_init", "svd"]
+INHER_METHODS = {"lowrank": [*SVD, "--inher_num_heads", "1", "--inher_gate", "none", "--kd_alpha", "0"],
+                 "inher": [*SVD, "--kd_alpha", "0"], "inher_kd": SVD,
                  "inher_whitened": ["--inher_init", "whitened", "--inher_rank_allocation", "activation",
                                     "--kd_alpha", "0"],
                  "inher_no_svd": ["--inher_init", "random", "--kd_alpha", "0"],
-                 "inher_no_gate": ["--inher_gate", "none", "--kd_alpha", "0"],
-                 "inher_symmetric": ["--inher_structure", "symmetric", "--kd_alpha", "0"]}
+                 "inher_no_gate": [*SVD, "--inher_gate", "none", "--kd_alpha", "0"],
+                 "inher_symmetric": [*SVD, "--inher_structure", "symmetric", "--kd_alpha", "0"]}
 KD_METHODS = ("student_kd", "inher_kd")  # they get --kd_alpha / --kd_temperature; the others distil otherwise or not
 CLASSIFICATION_METHODS = ("student_hkt", "student_hcd")  # glue.py refuses HKT and HCD on a regression
 METHODS = ["teacher", *STUDENT_METHODS, *INHER_METHODS]

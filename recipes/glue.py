@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import sys
@@ -39,13 +40,15 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 from transformers.utils import cached_file
 
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited teachers load)
-from inhernet_hf.distill import HCDBranches, HCDLoss, HKTLoss, stage_ends
+from inhernet_hf.checkpoints import CheckpointError, resolve_checkpoint
+from inhernet_hf.distill import DistillationLoss, HCDBranches, HCDLoss, HKTLoss, check_hidden_states_match, stage_ends
+from inhernet_hf.flags import (add_inher_args, add_kd_args, add_training_args, changed_flags, check_common_args,
+                               inher_config_from_args)
+from inhernet_hf.metrics import load_metric
 from inhernet_hf.students import layer_student
-from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, TrackingError, add_inher_args,
-                                  add_kd_args, add_training_args, build_accelerator, build_optimizer, changed_flags,
-                                  check_common_args, check_hidden_states_match, create_hub_repo, evaluate, finish_run,
-                                  inher_config_from_args, inherit_for_training, param_counts, prepare_training,
-                                  resolve_checkpoint, run_results, train)
+from inhernet_hf.training import (NonFiniteLossError, TrackingError, build_accelerator, build_optimizer,
+                                  create_hub_repo, evaluate, finish_run, inherit_for_training, param_counts,
+                                  prepare_training, run_results, train)
 
 HUB_DATASET = "nyu-mll/glue"
 # The flags of the --distill_method baselines (kd's flags are add_kd_args').
@@ -195,25 +198,17 @@ def load_glue(task: GlueTask, data_dir: Optional[str]) -> DatasetDict:
     return DatasetDict({split: raw[split] for split, _ in splits})
 
 
-def compute_metrics(task: GlueTask, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
-    """GLUE's metrics: accuracy; F1 (positive class 1) and accuracy for MRPC/QQP; Matthews correlation for CoLA;
-    Pearson and Spearman correlations for STS-B."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+@functools.lru_cache(maxsize=None)
+def glue_metric(config_name: str):
+    """GLUE's `evaluate` metric for a task (the Hub's `glue` module, or the identical one shipped with inhernet_hf)."""
+    return load_metric("glue", config_name)
 
-    metrics: dict[str, float] = {}
-    for name in task.metrics:
-        if name == "accuracy":
-            metrics[name] = float(accuracy_score(references, predictions))
-        elif name == "f1":
-            metrics[name] = float(f1_score(references, predictions, pos_label=1, zero_division=0))
-        elif name == "matthews_correlation":
-            metrics[name] = float(matthews_corrcoef(references, predictions))
-        elif name == "pearson":
-            metrics[name] = float(pearsonr(predictions, references)[0]) if np.ptp(predictions) > 0 else float("nan")
-        elif name == "spearmanr":
-            metrics[name] = float(spearmanr(predictions, references)[0]) if np.ptp(predictions) > 0 else float("nan")
-    return metrics
+
+def compute_metrics(task: GlueTask, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    """GLUE's metrics, `task.metrics` in order: accuracy; F1 (positive class 1) and accuracy for MRPC/QQP;
+    Matthews correlation for CoLA; Pearson and Spearman correlations for STS-B."""
+    scores = glue_metric(task.name).compute(predictions=predictions, references=references)
+    return {name: float(scores[name]) for name in task.metrics}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--target_ratio", type=float, default=0.5)
     parser.add_argument("--num_heads", type=int, default=2)
-    add_init_args(parser, default_init="svd")
+    add_init_args(parser, default_init="whitened")
     parser.add_argument("--kd_alpha", type=float, default=0.5)
     parser.add_argument("--kd_temperature", type=float, default=4.0)
     parser.add_argument("--kd_hidden_weight", type=float, default=0.0,

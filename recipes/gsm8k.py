@@ -40,11 +40,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited models load)
-from inhernet_hf.training import (CheckpointError, DistillationLoss, NonFiniteLossError, TrackingError, add_inher_args,
-                                  add_kd_args, add_training_args, build_accelerator, build_optimizer, check_common_args,
-                                  check_hidden_states_match, count_target_tokens, create_hub_repo, finish_run,
-                                  inher_config_from_args, inherit_for_training, param_counts, prepare_training,
-                                  resolve_checkpoint, run_results, train)
+from inhernet_hf.checkpoints import CheckpointError, resolve_checkpoint
+from inhernet_hf.distill import DistillationLoss, check_hidden_states_match
+from inhernet_hf.flags import add_inher_args, add_kd_args, add_training_args, check_common_args, inher_config_from_args
+from inhernet_hf.metrics import load_metric
+from inhernet_hf.training import (NonFiniteLossError, TrackingError, build_accelerator, build_optimizer,
+                                  count_target_tokens, create_hub_repo, finish_run, inherit_for_training, param_counts,
+                                  prepare_training, run_results, train)
 
 HUB_DATASET, HUB_CONFIG = "openai/gsm8k", "main"
 IGNORE_INDEX = -100
@@ -457,7 +459,10 @@ def run(args: argparse.Namespace) -> dict:
                                raw["test"]["answer"][:count], args.generation_batch_size, args.max_new_tokens)
     generation_time = time.perf_counter() - generation_start
     metrics = dict(result.eval_metrics)
-    metrics["exact_match"] = sum(r["correct"] for r in records) / len(records) if records else float("nan")
+    # evaluate's exact match of the normalised final answers; a generation without a number never matches.
+    metrics["exact_match"] = load_metric("exact_match").compute(
+        predictions=[r["prediction"] if r["prediction"] is not None else "" for r in records],
+        references=[r["reference"] for r in records])["exact_match"] if records else float("nan")
     metrics["generation_samples"] = len(records)
     accelerator.print(f"exact match {metrics['exact_match']:.4f} on {len(records)} test questions "
                       f"({generation_time:.0f} s)")

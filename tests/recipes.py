@@ -15,6 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+TESTS = REPO / "tests"
 DATA_DIR = Path(os.environ.get("INHERNET_DATA_DIR", REPO.parent / "shared" / "data"))
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hub_server import recording_hub
-from recipes import DATA_DIR, REPO, results
+from recipes import DATA_DIR, RECIPES, REPO, TESTS, launch_script, results
 from recipes import launch as launch_recipe
 from recipes import load_recipe as load_recipe_file
 from reference import minilm_path, safetensors_equal
@@ -132,13 +132,14 @@ def test_teacher_then_inherited_student_end_to_end(teacher, student):
 
 @needs_glue
 def test_killed_during_checkpoint_save_then_resumed_equals_uninterrupted(teacher, student, tmp_path):
-    from inhernet_hf.training import TMP_PREFIX, find_latest_checkpoint
+    from inhernet_hf.checkpoints import TMP_PREFIX, find_latest_checkpoint
 
     reference, _ = student
     out = tmp_path / "killed"
     args = [*STUDENT_ARGS, "--model_name_or_path", teacher]
     # Killed while writing the step-8 checkpoint: step_4 stays the latest complete one.
-    killed = launch(args, out, env={"_INHERNET_TEST_KILL": "during_save:8"}, check=False)
+    killed = launch_script(TESTS / "kill_at_checkpoint.py", ["step_8", RECIPES / "glue.py", *args, "--output_dir", out],
+                           check=False)
     assert killed.returncode != 0
     assert (out / f"{TMP_PREFIX}step_8" / "model.safetensors").is_file() and not (out / "step_8").exists()
     assert find_latest_checkpoint(out) == out / "step_4"
@@ -307,7 +308,7 @@ def test_bf16_mixed_precision_trains_the_inherited_model(teacher, tmp_path):
 
 
 def test_hinton_kd_loss_hand_computed():
-    from inhernet_hf.training import distillation_loss, kd_kl_loss
+    from inhernet_hf.distill import distillation_loss, kd_kl_loss
 
     student_logits, teacher_logits = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
     # T = 2: p_t = softmax([1.5, 1, .5]), p_s = softmax([.5, 1, 1.5]) = reversed p_t, so
@@ -328,7 +329,7 @@ def test_hinton_kd_loss_hand_computed():
 
 
 def test_regression_kd_is_mse_on_logits():
-    from inhernet_hf.training import distillation_loss
+    from inhernet_hf.distill import distillation_loss
 
     student_logits, teacher_logits = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.5], [1.0]])
     hard = torch.tensor(0.3)
@@ -341,7 +342,7 @@ def test_token_level_kd_uses_only_answer_tokens():
     """The causal-LM use: logits at i predict token i+1, and only positions whose next label is not -100 count."""
     from types import SimpleNamespace
 
-    from inhernet_hf.training import DistillationLoss, kd_kl_loss
+    from inhernet_hf.distill import DistillationLoss, kd_kl_loss
 
     torch.manual_seed(0)
     s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
@@ -371,7 +372,7 @@ def test_token_level_kd_uses_only_answer_tokens():
 
 def test_hidden_state_loss_hand_computed():
     """Mean over layers (embeddings skipped) of sum ||s - t||^2 / sum ||t||^2 over the unmasked tokens."""
-    from inhernet_hf.training import hidden_state_loss
+    from inhernet_hf.distill import hidden_state_loss
 
     embeddings = (torch.zeros(1, 3, 2), torch.full((1, 3, 2), 9.0))  # differ, but are not a layer's output
     t1 = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [7.0, 7.0]]])
@@ -399,7 +400,7 @@ def test_hidden_state_term_on_an_inherited_minilm():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from inhernet_hf import InherConfig, get_inher_model
-    from inhernet_hf.training import DistillationLoss, hidden_state_loss, kd_kl_loss
+    from inhernet_hf.distill import DistillationLoss, hidden_state_loss, kd_kl_loss
 
     torch.manual_seed(0)
     teacher = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
@@ -446,8 +447,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     from accelerate import Accelerator, DataLoaderConfiguration
     from safetensors.torch import load_file
 
-    from inhernet_hf.training import (NonFiniteLossError, build_optimizer, find_latest_checkpoint, prepare_training,
-                                      train)
+    from inhernet_hf.checkpoints import find_latest_checkpoint
+    from inhernet_hf.training import NonFiniteLossError, build_optimizer, prepare_training, train
 
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True,
@@ -480,7 +481,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_calibration_batches_and_checkpointing_steps():
     from argparse import ArgumentTypeError
 
-    from inhernet_hf.training import calibration_batches, parse_checkpointing_steps
+    from inhernet_hf.flags import parse_checkpointing_steps
+    from inhernet_hf.training import calibration_batches
 
     loader = [{"input_ids": torch.arange(8).view(4, 2) + 10 * i, "labels": torch.zeros(4)} for i in range(3)]
     batches = calibration_batches(loader, 6)  # what --inher_calibration_samples 6 passes as calibration_data
@@ -494,31 +496,32 @@ def test_calibration_batches_and_checkpointing_steps():
 
 
 def test_inher_flags_map_to_inher_config():
-    import dataclasses
-
-    from inhernet_hf import InherConfig
-    from inhernet_hf.training import inher_config_from_args
+    from inhernet_hf.flags import inher_config_from_args
 
     recipe = load_recipe()
     base = ["--task_name", "sst2", "--model_name_or_path", "m", "--output_dir", "o"]
-    config = inher_config_from_args(recipe.parse_args(base), "SEQ_CLS")
-    assert (config.r, config.target_ratio, config.num_heads, config.init, config.task_type) == (None, 0.5, 2, "svd",
-                                                                                                "SEQ_CLS")
-    config = inher_config_from_args(recipe.parse_args([*base, "--inher_r", "16", "--inher_num_heads", "3",
-                                                       "--inher_target_modules", "query", "value"]), "SEQ_CLS")
-    assert (config.r, config.num_heads, config.target_modules) == (16, 3, ["query", "value"])
-    config = inher_config_from_args(recipe.parse_args([*base, "--inher_target_modules", r".*\.(query|key)"]), "SEQ_CLS")
-    assert config.target_modules == r".*\.(query|key)"
-    args = recipe.parse_args([*base, "--inher_target_ratio", "0.4", "--inher_rank_allocation", "energy"])
-    if "rank_allocation" in {f.name for f in dataclasses.fields(InherConfig)}:
-        assert inher_config_from_args(args, "SEQ_CLS").rank_allocation == "energy"
-    else:
-        with pytest.raises(ValueError, match="--inher_rank_allocation needs InherConfig.rank_allocation"):
-            inher_config_from_args(args, "SEQ_CLS")
+
+    def config_of(*flags):
+        return inher_config_from_args(recipe.parse_args([*base, *flags]), "SEQ_CLS")
+
+    # Default: the measured best, whitened init + activation ranks (calibrated on training examples).
+    config = config_of()
+    assert (config.r, config.target_ratio, config.num_heads, config.init, config.rank_allocation, config.task_type) == (
+        None, 0.5, 2, "whitened", "activation", "SEQ_CLS")
+    assert config.needs_calibration
+    # The paper's data-free setting is one flag away: SVD init, uniform ranks.
+    config = config_of("--inher_init", "svd")
+    assert (config.init, config.rank_allocation, config.needs_calibration) == ("svd", "uniform", False)
+    # A fixed rank has no budget to allocate: uniform ranks, whitened init.
+    config = config_of("--inher_r", "16", "--inher_num_heads", "3", "--inher_target_modules", "query", "value")
+    assert (config.r, config.num_heads, config.target_modules, config.init, config.rank_allocation) == (
+        16, 3, ["query", "value"], "whitened", "uniform")
+    assert config_of("--inher_target_modules", r".*\.(query|key)").target_modules == r".*\.(query|key)"
+    assert config_of("--inher_target_ratio", "0.4", "--inher_rank_allocation", "energy").rank_allocation == "energy"
 
 
 def test_resolve_checkpoint(tmp_path):
-    from inhernet_hf.training import CHECKPOINT_STATE_FILE, CheckpointError, resolve_checkpoint
+    from inhernet_hf.checkpoints import CHECKPOINT_STATE_FILE, CheckpointError, resolve_checkpoint
 
     assert resolve_checkpoint("latest", tmp_path) is None  # nothing yet: a fresh start
     (tmp_path / ".tmp-step_9").mkdir()
@@ -683,7 +686,7 @@ def test_hcd_branches_follow_the_optimizers_no_decay_rule(narrow_teacher, tmp_pa
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--no_inher", "--inher_target_ratio", "0.3", "--inher_init", "whitened"],
+    (["--no_inher", "--inher_target_ratio", "0.3", "--inher_init", "svd"],
      "this run does not inherit (--no_inher): remove --inher_target_ratio, --inher_init"),
     (["--student_num_layers", "3", "--inher_num_heads", "3"],
      "this run does not inherit (a student run): remove --inher_num_heads"),
@@ -743,7 +746,7 @@ def test_kd_temperature_is_hcds_kl_temperature():
 def test_tracking_with_no_installed_tracker_is_an_error(tmp_path):
     """accelerate drops trackers that are not installed with a debug log; the recipes refuse instead of logging
     nothing."""
-    from inhernet_hf.training import TrackingError, build_accelerator
+    from inhernet_hf.training import build_accelerator, TrackingError
 
     args = load_recipe().parse_args(["--task_name", "sst2", "--model_name_or_path", "m", "--output_dir",
                                      str(tmp_path), "--with_tracking", "--report_to", "wandb"])

@@ -191,7 +191,7 @@ def test_token_level_kd_with_the_hidden_state_term():
     """The recipe's loss for an inherited causal LM: (1 - a) CE + a KL on the answer tokens + b * hidden_state_loss on
     every attended token (Llama's last hidden state is after the final norm, in both models)."""
     from inhernet_hf import InherConfig, get_inher_model
-    from inhernet_hf.training import DistillationLoss, hidden_state_loss, kd_kl_loss
+    from inhernet_hf.distill import DistillationLoss, hidden_state_loss, kd_kl_loss
 
     teacher = tiny_llama(vocab_size=50).eval()
     student = get_inher_model(tiny_llama(vocab_size=50), InherConfig(r=8, num_heads=2), progressbar=False).eval()

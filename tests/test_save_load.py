@@ -4,6 +4,8 @@ and clear errors for corrupt or mismatched checkpoints."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 from hub_server import recording_hub, run_python
 from inhernet_hf import InherConfig, InherLinear, InherModel, get_inher_model
-from reference import tiny_llama
+from reference import minilm_path, smollm2_path, tiny_llama
 
 IDS = torch.tensor([[3, 14, 15, 9, 26, 5], [35, 8, 9, 7, 9, 3]])
 
@@ -38,8 +40,10 @@ def saved(tmp_path):
 def test_folder_layout_and_both_load_paths(saved):
     folder, logits = saved
     assert {"config.json", "model.safetensors", "README.md", "generation_config.json"} <= set(os.listdir(folder))
-    description = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert description["quant_method"] == "inhernet" and description["format_version"] == 1
+    written = json.loads((folder / "config.json").read_text())
+    assert (written["model_type"], written["inher_base_model_type"]) == ("inhernet_hf", "llama")
+    description = written["quantization_config"]
+    assert description["quant_method"] == "inhernet" and description["format_version"] == 2
     assert description["layers"][0] == {"name": "model.layers.0.self_attn.q_proj", "rank": 8, "num_heads": 2,
                                         "energy_kept": pytest.approx(0.6488, abs=1e-4), "note": ""}
     card = (folder / "README.md").read_text()
@@ -187,6 +191,11 @@ def _rewrite(folder: Path, edit) -> None:
          r"tensor model.layers.0.mlp.up_proj.inher_down.weight has shape \(6, 32\) in the checkpoint, \(8, 32\)"),
         (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.inher_extra", torch.zeros(2)),
          r"extra tensor model.layers.0.self_attn.q_proj.inher_extra \(2,\) not in the inherited layer"),
+        (lambda s: s.__setitem__("model.layers.0.mlp.up_proj.inher_down.weight", torch.zeros(8, 32, dtype=torch.int8)),
+         r"tensor model.layers.0.mlp.up_proj.inher_down.weight is stored as I8; an inherited layer's tensors are "
+         r"floating point"),
+        (lambda s: s["model.layers.1.mlp.down_proj.inher_up.weight"].__setitem__((0, 3), float("nan")),
+         r"inherited tensors \['model.layers.1.mlp.down_proj.inher_up.weight'\] hold NaN or Inf"),
     ],
 )
 def test_mismatched_checkpoint_names_tensor_and_shapes(saved, edit, message):
@@ -197,13 +206,123 @@ def test_mismatched_checkpoint_names_tensor_and_shapes(saved, edit, message):
             load(folder)
 
 
+def test_truncated_safetensors_file_is_named(saved):
+    folder, _ = saved
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+    for load in (InherModel.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=r"model.safetensors is not a complete safetensors file .*cut short"):
+            load(folder)
+
+
+def test_config_naming_a_module_the_model_lacks(saved):
+    folder, _ = saved
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["layers"][0]["name"] = "model.layers.0.self_attn.qq_proj"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="records an inherited layer 'model.layers.0.self_attn.qq_proj', but the model "
+                                         "built from it has no such module"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 def test_future_format_version_says_so(saved):
     folder, _ = saved
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"]["format_version"] = 99
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="format version 99.*reads versions up to 1. Upgrade inhernet_hf"):
+    with pytest.raises(ValueError, match="format version 99.*reads versions up to 2. Upgrade inhernet_hf"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+# A process that never imported inhernet_hf: every way in raises, naming the package; none returns a model.
+NO_IMPORT_LOADS = {
+    "AutoModelForCausalLM": "from transformers import AutoModelForCausalLM as A; A.from_pretrained(FOLDER)",
+    "AutoModel, trust_remote_code": "from transformers import AutoModel as A; A.from_pretrained(FOLDER, "
+                                    "trust_remote_code=True)",
+    "pipeline": "from transformers import pipeline; pipeline('text-generation', model=FOLDER)",
+    "AutoModelForSequenceClassification": "from transformers import AutoModelForSequenceClassification as A; "
+                                          "A.from_pretrained(FOLDER)",
+    "pipeline, text-classification": "from transformers import pipeline; pipeline('text-classification', "
+                                     "model=FOLDER, trust_remote_code=False)",
+}
+
+
+def saved_classifier(folder):
+    """A small inherited BertForSequenceClassification with MiniLM's real tokenizer, saved to `folder`; its logits
+    on IDS."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                                     num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=64)).eval()
+    model = get_inher_model(model, InherConfig(r=4, num_heads=2, task_type="SEQ_CLS"), progressbar=False)
+    model.save_pretrained(folder, tokenizer=tokenizer)
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("route", list(NO_IMPORT_LOADS))
+def test_without_the_import_every_load_fails_loudly(saved, tmp_path, route):
+    folder = tmp_path / "cls" if "lassification" in route else saved[0]
+    if folder != saved[0]:
+        saved_classifier(folder)
+    code = f"FOLDER = {str(folder)!r}\n" + NO_IMPORT_LOADS[route]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0, f"{route} loaded an inherited checkpoint without inhernet_hf"
+    assert "model type `inhernet_hf`" in result.stderr, result.stderr[-2000:]
+
+
+def test_with_the_import_auto_classes_and_pipelines_load_bitwise(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer, BertConfig, pipeline
+
+    folder = tmp_path / "cls"
+    logits = saved_classifier(folder)
+    assert type(AutoConfig.from_pretrained(folder)) is BertConfig  # downstream code sees the base architecture
+    classifier = pipeline("text-classification", model=str(folder))
+    assert isinstance(classifier.model.get_submodule("bert.encoder.layer.0.attention.self.query"), InherLinear)
+    for loaded in (AutoModelForSequenceClassification.from_pretrained(folder), InherModel.from_pretrained(folder),
+                   classifier.model):
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(input_ids=IDS).logits, logits)
+    text = "a gripping, funny film"
+    with torch.no_grad():
+        direct = classifier.model(**AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt")).logits
+    assert classifier(text)[0]["score"] == pytest.approx(direct.softmax(-1).max().item(), rel=1e-6)
+    # Saved again by transformers itself, the model keeps the inherited model type.
+    AutoModelForSequenceClassification.from_pretrained(folder).save_pretrained(tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (written["model_type"], written["inher_base_model_type"]) == ("inhernet_hf", "bert")
+
+
+def test_text_generation_pipeline_on_an_inherited_folder(tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    folder, gguf = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=64).eval()
+    model = get_inher_model(model, InherConfig(r=8, num_heads=2), progressbar=False)
+    model.save_pretrained(tmp_path / "lm", tokenizer=tokenizer)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    expected = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    generator = pipeline("text-generation", model=str(tmp_path / "lm"))
+    out = generator("The capital of France is", max_new_tokens=5, do_sample=False, return_tensors=True)
+    assert out[0]["generated_token_ids"] == expected[0].tolist()
+
+
+def test_format_1_checkpoint_loads_and_says_it_is_older(saved, caplog):
+    folder, logits = saved
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = config.pop("inher_base_model_type")  # format 1: the base model's type
+    config["quantization_config"]["format_version"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert "older format 1" in caplog.text and "Save it again" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, logits)
 
 
 def test_dense_checkpoint_is_not_an_inherited_one(tmp_path):

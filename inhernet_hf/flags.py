@@ -1,0 +1,220 @@
+"""The recipes' shared command-line flags (transformers' `run_*_no_trainer.py` names) and their cross-checks.
+
+* `add_training_args` (the loop's flags), `add_kd_args` (Hinton KD and the hidden-state term), `add_inher_args`
+  (the `--inher_*` flags of `InherConfig`; the init defaults to the measured best, whitened + activation ranks);
+* `check_common_args` refuses flags a run would not use; `inher_config_from_args` builds the `InherConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any, Iterable, Optional, Union
+
+from .config import InherConfig, calibration_needed
+
+
+def parse_checkpointing_steps(value: Optional[str]) -> Union[None, int, str]:
+    """`--checkpointing_steps`: None, a positive number of optimizer steps, or 'epoch'."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        steps = value
+    elif value == "epoch":
+        return "epoch"
+    elif str(value).isdigit():
+        steps = int(value)
+    else:
+        raise argparse.ArgumentTypeError(f"--checkpointing_steps must be a positive integer or 'epoch', got {value!r}.")
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"--checkpointing_steps must be a positive integer or 'epoch', got {value!r}.")
+    return steps
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return number
+
+
+# transformers' schedulers that `get_scheduler(name, optimizer, num_warmup_steps, num_training_steps)` builds and
+# that step on the step count alone (reduce_lr_on_plateau and greedy need a metric, the *_min_lr and
+# warmup_stable_decay ones extra arguments).
+STEP_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                   "inverse_sqrt")
+
+
+def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 5e-5) -> argparse.ArgumentParser:
+    """The flags of transformers' `run_*_no_trainer.py` examples that drive `train` (mixed precision and the number
+    of processes are `accelerate launch`'s own flags)."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--per_device_train_batch_size", type=_positive_int, default=8)
+    group.add_argument("--per_device_eval_batch_size", type=_positive_int, default=8)
+    group.add_argument("--learning_rate", type=float, default=learning_rate,
+                       help="Initial (after warmup) learning rate.")
+    group.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms).")
+    group.add_argument("--num_train_epochs", type=_non_negative_int, default=3)
+    group.add_argument("--max_train_steps", type=_non_negative_int, default=None,
+                       help="Total optimizer steps; overrides --num_train_epochs. 0 only evaluates.")
+    group.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    group.add_argument("--lr_scheduler_type", default="linear", choices=STEP_SCHEDULERS,
+                       help="transformers' schedulers that step on the step count alone (the others need a "
+                            "metric or extra arguments).")
+    group.add_argument("--num_warmup_steps", type=_non_negative_int, default=0, help="Optimizer steps of warmup.")
+    group.add_argument("--max_grad_norm", type=float, default=None,
+                       help="Clip gradients to this norm (default: no clipping).")
+    group.add_argument("--output_dir", type=str, required=True, help="Final model, all_results.json and checkpoints.")
+    group.add_argument("--seed", type=int, default=42,
+                       help="Seed of the initialisation, dropout and data order (needed for exact resumption).")
+    group.add_argument("--eval_steps", type=_positive_int, default=None,
+                       help="Also evaluate every N optimizer steps (default: at the end of each epoch only); every "
+                            "evaluation is listed in all_results.json's eval_history.")
+    group.add_argument("--checkpointing_steps", type=parse_checkpointing_steps, default=None,
+                       help="Save the training state every N optimizer steps, or 'epoch' at the end of each epoch.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="A checkpoint folder (output_dir/step_N or epoch_N), or 'latest' for the most advanced "
+                            "complete checkpoint in --output_dir (a fresh start when there is none).")
+    group.add_argument("--with_tracking", action="store_true", help="Log metrics with the trackers of --report_to.")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help="Tracker(s) for --with_tracking: 'tensorboard', 'wandb', 'all', ... (Accelerate's names).")
+    group.add_argument("--push_to_hub", action="store_true", help="Push the final model (with its card) to the Hub.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id; default: output_dir's name.")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
+    return parser
+
+
+def add_kd_args(parser: argparse.ArgumentParser, alpha: float = 0.5,
+                temperature: float = 2.0) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("knowledge distillation (inherited runs only)")
+    group.add_argument("--kd_alpha", type=float, default=alpha,
+                       help="Weight of the distillation term: (1 - a) * task loss + a * KD loss. 0 disables KD.")
+    group.add_argument("--kd_temperature", type=float, default=temperature,
+                       help="Softmax temperature T of the KD term.")
+    group.add_argument("--teacher_name_or_path", type=str, default=None,
+                       help="Frozen teacher (a fine-tuned model folder or Hub id). Default: --model_name_or_path.")
+    group.add_argument("--kd_hidden_weight", type=float, default=0.0,
+                       help="Weight b of a layer-wise hidden-state term added to the loss: b * the mean over layers "
+                            "of sum ||h_student - h_teacher||^2 / sum ||h_teacher||^2, the sums over the non-padding "
+                            "tokens. The student needs the teacher's layers and hidden size (an inherited model has "
+                            "them). 0 disables it.")
+    return parser
+
+
+def add_inher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags mapping to `InherConfig` (validated by InherConfig itself, so new choices need no change here)."""
+    group = parser.add_argument_group("inheritance (InherConfig)")
+    group.add_argument("--no_inher", action="store_true", help="Train the plain (dense) model: the teacher run.")
+    group.add_argument("--inher_r", type=int, default=None, help="Rank of every inherited layer.")
+    group.add_argument("--inher_target_ratio", type=float, default=None,
+                       help="Fraction of the targeted layers' parameters kept (default 0.5 when --inher_r is not "
+                            "given).")
+    group.add_argument("--inher_num_heads", type=int, default=2, help="Number of gated up-projection heads.")
+    group.add_argument("--inher_init", type=str, default="whitened",
+                       help="'whitened' (activation-aware SVD calibrated on training examples, the measured best), "
+                            "'svd' (the paper's data-free init: with it the ranks default to 'uniform'), "
+                            "'svd_lowrank' or 'random'.")
+    group.add_argument("--inher_rank_allocation", type=str, default=None,
+                       help="'uniform', 'energy' or 'activation' (InherConfig.rank_allocation; default: 'activation' "
+                            "with --inher_init whitened, else 'uniform').")
+    group.add_argument("--inher_min_rank", type=int, default=None,
+                       help="InherConfig.min_rank (default: InherConfig's).")
+    group.add_argument("--inher_rank_multiple", type=int, default=None,
+                       help="InherConfig.rank_multiple (default: InherConfig's).")
+    group.add_argument("--inher_gate", type=str, default=None,
+                       help="'softmax' or 'none' (InherConfig.gate; default: InherConfig's).")
+    group.add_argument("--inher_structure", type=str, default=None,
+                       help="'asymmetric' or 'symmetric' (InherConfig.structure; default: InherConfig's).")
+    group.add_argument("--inher_target_modules", type=str, nargs="+", default=None,
+                       help="Module names to inherit, one regex string, or 'all-linear' (default: the model type's).")
+    group.add_argument("--inher_calibration_samples", type=_positive_int, default=128,
+                       help="Training examples passed as calibration_data when the config needs them "
+                            "(--inher_init whitened or --inher_rank_allocation activation).")
+    return parser
+
+
+
+INHER_FLAGS = ("inher_r", "inher_target_ratio", "inher_num_heads", "inher_init", "inher_rank_allocation",
+               "inher_min_rank", "inher_rank_multiple", "inher_gate", "inher_structure", "inher_target_modules",
+               "inher_calibration_samples")
+
+
+KD_FLAGS = ("kd_alpha", "kd_temperature", "teacher_name_or_path", "kd_hidden_weight")
+
+
+def changed_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, names: Iterable[str]) -> list[str]:
+    """The `--name` flags among `names` set to something other than the parser's default."""
+    return [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
+
+
+def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser, run_kind: str) -> None:
+    """Cross-flag checks of the shared flags; raises ValueError with the flag names. `run_kind`: "teacher" (dense,
+    --no_inher), "inherited" or "student". Nothing given is silently unused: the --inher_* flags describe only an
+    inherited model, and the KD flags only a run that distils."""
+    if not 0.0 <= args.kd_alpha <= 1.0:
+        raise ValueError(f"--kd_alpha must lie in [0, 1], got {args.kd_alpha}.")
+    if not args.kd_temperature > 0:
+        raise ValueError(f"--kd_temperature must be > 0, got {args.kd_temperature}.")
+    if not args.kd_hidden_weight >= 0:
+        raise ValueError(f"--kd_hidden_weight must be >= 0, got {args.kd_hidden_weight}.")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise ValueError(f"--max_grad_norm must be > 0, got {args.max_grad_norm}.")
+    unused = changed_flags(args, parser, INHER_FLAGS) if run_kind != "inherited" else []
+    if unused:
+        raise ValueError(f"this run does not inherit ({'--no_inher' if run_kind == 'teacher' else 'a student run'}): "
+                         f"remove {', '.join(unused)} (options of the inherited model).")
+    if run_kind == "inherited" and args.inher_r is not None and args.inher_target_ratio is not None:
+        raise ValueError("Give only one of --inher_r and --inher_target_ratio.")
+    calibrates = calibration_needed(args.inher_init, rank_allocation_of(args))
+    if run_kind == "inherited" and not calibrates and changed_flags(args, parser, ("inher_calibration_samples",)):
+        raise ValueError("--inher_calibration_samples is used only by --inher_init whitened or --inher_rank_allocation "
+                         "activation; remove it or choose one of those.")
+    if run_kind == "teacher":
+        unused = changed_flags(args, parser, KD_FLAGS)
+        reason = "--no_inher trains the teacher without distillation"
+    elif getattr(args, "distill_method", "kd") == "kd" and args.kd_alpha == 0:
+        unused = changed_flags(args, parser, ("kd_temperature",) if args.kd_hidden_weight > 0
+                               else ("kd_temperature", "teacher_name_or_path"))
+        reason = ("--kd_alpha 0 turns the logit term off" if args.kd_hidden_weight > 0
+                  else "nothing is distilled with --kd_alpha 0 (and no --kd_hidden_weight)")
+    else:
+        unused = []
+    if unused:
+        raise ValueError(f"{reason}: remove {', '.join(unused)}.")
+
+
+def rank_allocation_of(args: argparse.Namespace) -> str:
+    """`--inher_rank_allocation`, or its default: 'activation' with the whitened init and a parameter budget (both
+    read the same calibration examples), else 'uniform' (`--inher_r`, or the paper's data-free SVD setting)."""
+    if args.inher_rank_allocation is not None:
+        return args.inher_rank_allocation
+    return "activation" if args.inher_init == "whitened" and args.inher_r is None else "uniform"
+
+
+def inher_config_from_args(args: argparse.Namespace, task_type: str) -> InherConfig:
+    """The `InherConfig` of the `--inher_*` flags (InherConfig validates the values)."""
+    kwargs: dict[str, Any] = {"num_heads": args.inher_num_heads, "init": args.inher_init, "task_type": task_type}
+    if args.inher_r is not None:
+        kwargs["r"] = args.inher_r
+    else:
+        kwargs["target_ratio"] = 0.5 if args.inher_target_ratio is None else args.inher_target_ratio
+    if args.inher_target_modules is not None:
+        modules = args.inher_target_modules
+        # One value that is 'all-linear' or looks like a regex is passed as a string, anything else as a name list.
+        is_pattern = len(modules) == 1 and (modules[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", modules[0]))
+        kwargs["target_modules"] = modules[0] if is_pattern else modules
+    kwargs["rank_allocation"] = rank_allocation_of(args)
+    for flag, name in (("inher_min_rank", "min_rank"),
+                       ("inher_rank_multiple", "rank_multiple"), ("inher_gate", "gate"),
+                       ("inher_structure", "structure")):
+        if getattr(args, flag, None) is not None:
+            kwargs[name] = getattr(args, flag)
+    return InherConfig(**kwargs)
+
