@@ -24,7 +24,7 @@ from .integration import ALLOW_PICKLE, KEY_MAPPING, QUANT_METHOD, InherHfQuantiz
 from .layer import InherLinear
 from .report import InherReport, LayerRecord
 from .skeleton import new_layer, replace_module, report_from_description
-from .targets import dense_weight, find_targets, is_replaceable, matches
+from .targets import dense_weight, find_targets, is_replaceable, matches, resolve_target_spec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 logger = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def get_inher_model(
                          f"{config.rank_allocation!r} do not use it; use init='whitened' or "
                          f"rank_allocation='activation', or drop calibration_data.")
     batches = prepare_calibration(calibration_data, tokenizer) if config.needs_calibration else None
-    targets = find_targets(model, config.target_modules, config.exclude_modules, config.modules_to_save,
-                           config.task_type)
+    target_spec = resolve_target_spec(model, config.target_modules)
+    targets = find_targets(model, target_spec, config.exclude_modules, config.modules_to_save, config.task_type)
     modules = {name: model.get_submodule(name) for name in targets}
     shared = _shared_parameters(model)
     for name, module in modules.items():
@@ -145,6 +145,8 @@ def get_inher_model(
     if progressbar:
         n = sum(r.inherited for r in records)
         target = f"target {config.target_ratio:.4f}" if config.target_ratio is not None else f"r={config.r}"
+        if config.target_modules is None:
+            print(f"inhernet_hf: target_modules inferred from the model's repeated blocks: {target_spec}")
         print(f"inhernet_hf: {n} layers inherited, {len(records) - n} kept dense; targeted parameters "
               f"{report.dense_params:,} -> {report.params:,} (ratio {report.ratio:.4f}, {target})")
     return InherModel(model, config, report)

@@ -1,61 +1,42 @@
-"""Which modules of a model are inherited: PEFT's `target_modules` semantics plus per-model defaults."""
+"""Which modules of a model are inherited: PEFT's `target_modules` semantics, and defaults read from the model's
+structure (the Linear layers of its repeated blocks)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Optional, Union
 
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
-_BERT_LIKE = ["query", "key", "value", "output.dense", "intermediate.dense"]
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_CLIP_LIKE = ["q_proj", "k_proj", "v_proj", "self_attn.out_proj", "fc1", "fc2"]
+logger = logging.getLogger(__name__)
 
-# Default targets per `config.model_type`: the attention and MLP projections, never embeddings,
-# classification heads, lm_head or multimodal projectors. Lists use PEFT's exact-or-dotted-suffix rule.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "electra": _BERT_LIKE,
-    # ViT was rewritten in transformers 5.x: `layers.N.attention.{q,k,v,o}_proj` and `layers.N.mlp.fc1/fc2`
-    # (older 5.x releases used the BERT names, kept so both layouts work; neither matches the pooler/classifier).
-    "vit": _BERT_LIKE + ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
-                         "mlp.fc1", "mlp.fc2"],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2"],
-    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "self_attn.out_proj", "fc1", "fc2"],
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "t5": ["SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
-           "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o",
-           "DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo"],
-    "clip": _CLIP_LIKE,
-    "siglip": _CLIP_LIKE,
-    # llava: a llama-like language model and a CLIP/SigLIP vision tower; `multi_modal_projector` and lm_head stay dense.
-    "llava": _LLAMA_LIKE + ["self_attn.out_proj", "mlp.fc1", "mlp.fc2"],
-    # Qwen-VL: the vision blocks use attn.qkv / attn.proj and an MLP (fc1/fc2 in Qwen2-VL, *_proj in Qwen2.5-VL);
-    # the patch merger (`merger.mlp.*`) and lm_head stay dense.
-    "qwen2_vl": _LLAMA_LIKE + ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"],
-    "qwen2_5_vl": _LLAMA_LIKE + ["attn.qkv", "attn.proj"],
-}
-
-# Never taken by "all-linear": multimodal projectors and vision-language pooling heads.
+# Never taken by default or by "all-linear": multimodal projectors and vision-language pooling heads.
 PROJECTOR_NAMES = ("multi_modal_projector", "merger", "visual_projection", "text_projection", "mm_projector")
+# A Linear inside a block whose own name ends in one of these routes tokens (MoE routers, Qwen2-MoE's
+# `shared_expert_gate`): a router is not a projection and its output is an argmax, never low-rank.
+_ROUTER_NAME = re.compile(r"(^|_)(gate|router)$")
+
+# Model types where the structural rule below would pick the wrong layers. Empty today: every model type tested
+# (tests/test_model_types.py) is covered by the rule; add an entry here only with a test showing why.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {}
 
 TargetSpec = Optional[Union[str, list[str]]]
 
 
 def is_replaceable(module: nn.Module) -> bool:
-    """A dense layer InherLinear can replace: exactly `nn.Linear` or transformers' `Conv1D`."""
-    return type(module) in (nn.Linear, Conv1D)
+    """A dense layer InherLinear can replace: `nn.Linear` (or a subclass computing the same x Wᵀ + b: one that keeps
+    Linear's forward, or Falcon's bias-split `FalconLinear`) or transformers' `Conv1D`. Subclasses with their own
+    forward (MoE routers, quantised layers such as bitsandbytes') are not."""
+    kind = type(module)
+    if kind is Conv1D:
+        return True
+    if kind is NonDynamicallyQuantizableLinear:  # MultiheadAttention.out_proj: its weight is read, never called
+        return False
+    return isinstance(module, nn.Linear) and (kind.forward is nn.Linear.forward or kind.__name__ == "FalconLinear")
 
 
 def matches(spec: TargetSpec, name: str) -> bool:
@@ -90,18 +71,56 @@ def _all_linear_excluded(model: nn.Module) -> set[str]:
     return excluded
 
 
+def block_lists(model: nn.Module) -> list[str]:
+    """Names of the model's block lists: the outermost `nn.ModuleList`s of blocks (modules that are not themselves
+    Linear, of one class or several as in hybrid attention/SSM stacks) holding a Linear/Conv1D, e.g.
+    `model.layers`, `encoder.layer`, `visual.blocks`."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(outer + ".") for outer in found):
+            continue  # inside a block already found (T5's `block.N.layer`, expert lists)
+        if not any(is_replaceable(item) for item in module) and any(
+                is_replaceable(m) for item in module for m in item.modules()):
+            found.append(name)
+    return found
+
+
+def infer_target_modules(model: nn.Module) -> str:
+    """The default targets read from the model's structure, as a PEFT regex over full names: every Linear/Conv1D
+    inside the repeated blocks (attention and MLP projections, cross-attention, shared experts), never routers,
+    projectors or heads, and nothing outside the blocks (embeddings, poolers, output heads, patch mergers)."""
+    lists = block_lists(model)
+    skipped = _all_linear_excluded(model)
+    inner: dict[str, set[str]] = {name: set() for name in lists}
+    for name, module in model.named_modules():
+        if not is_replaceable(module) or name in skipped or _ROUTER_NAME.search(name.rsplit(".", 1)[-1]):
+            continue
+        for outer in lists:
+            rest = re.match(re.escape(outer) + r"\.\d+\.(.+)", name)
+            if rest:
+                inner[outer].add(rest.group(1))
+    parts = [f"{re.escape(outer)}\\.\\d+\\.({'|'.join(map(re.escape, sorted(names)))})"
+             for outer, names in inner.items() if names]
+    if not parts:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(f"Could not infer default target_modules for model_type={model_type!r}: it has no list of "
+                         f"repeated blocks holding Linear/Conv1D layers. Pass `target_modules` to InherConfig: a list "
+                         f"such as ['q_proj', 'v_proj'], a regex, or 'all-linear'.")
+    return "|".join(parts) if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
+
+
 def resolve_target_spec(model: nn.Module, target_modules: TargetSpec) -> TargetSpec:
-    """The spec to use: the user's, or the model type's default (an error if there is none)."""
+    """The spec to use: the user's, the model type's entry in DEFAULT_TARGET_MODULES, or the inferred one."""
     if target_modules is not None:
         return target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGET_MODULES:
-        raise ValueError(
-            f"No default target_modules for model_type={model_type!r}. Pass `target_modules` to InherConfig: a "
-            f"list such as ['q_proj', 'v_proj'], a regex, or 'all-linear'. Models with defaults: "
-            f"{', '.join(sorted(DEFAULT_TARGET_MODULES))}."
-        )
-    return DEFAULT_TARGET_MODULES[model_type]
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    spec = infer_target_modules(model)
+    logger.info("target_modules inferred from the repeated blocks of this %s model: %s", model_type, spec)
+    return spec
 
 
 def find_targets(
@@ -129,7 +148,7 @@ def find_targets(
         if any(matches(keep_dense, prefix) for prefix in _prefixes(name)):
             continue  # inside a module kept dense
         if all_linear:
-            if isinstance(module, (nn.Linear, Conv1D)) and name not in skipped:
+            if is_replaceable(module) and name not in skipped:
                 targets.append(name)
         elif matches(spec, name):
             targets.append(name)

@@ -75,7 +75,7 @@ def test_non_linear_target_is_a_type_error(tiny_llama):
 
 def test_unknown_model_type_without_targets_says_what_to_pass():
     model = nn.Sequential(nn.Linear(8, 8))
-    with pytest.raises(ValueError, match="No default target_modules for model_type=None.*Pass `target_modules`"):
+    with pytest.raises(ValueError, match="Could not infer default target_modules for model_type=None.*Pass `target_modules`"):
         get_inher_model(model, InherConfig(r=2), progressbar=False)
 
 
