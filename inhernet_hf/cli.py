@@ -1,4 +1,4 @@
-"""The `inhernet` command: `inhernet compress MODEL ...` and `inhernet report DIR`."""
+"""The `inhernet` command: `inhernet compress MODEL ...`, `inhernet report DIR` and `inhernet eval LM_EVAL_ARGS`."""
 
 from __future__ import annotations
 
@@ -163,10 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default=None, help="PNG path (default: ./<name>_report.png).")
     r.add_argument("--json", default=None, help="Also write the table as JSON here.")
     r.set_defaults(func=report)
+    e = commands.add_parser("eval", add_help=False,
+                            help="lm-evaluation-harness on inherited checkpoints: every argument goes to lm_eval "
+                                 "(e.g. --model hf --model_args pretrained=DIR --tasks inhernet_text).")
+    e.set_defaults(func=None)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # lm-eval parses its own arguments (including --help)
+        from .evaluation import run_lm_eval
+
+        return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "compress" and args.target_modules == ["all-linear"]:
         args.target_modules = "all-linear"

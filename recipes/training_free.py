@@ -9,10 +9,16 @@ offline, so the first quarter of its tokens is the calibration pool and the rest
 the output). Without a data dir, the Hub's wikitext-2-raw-v1: calibration from train, evaluation on test.
 Perplexity is exp(mean next-token NLL) over --max_eval_windows non-overlapping windows of --eval_seq_len
 tokens spread evenly over the evaluation text.
+
+The same numbers through lm-evaluation-harness: --save_models DIR keeps each inherited model, --eval_docs_out FILE
+writes the evaluation windows as documents of the `inhernet_text` lm-eval task, then
+
+    inhernet eval --model hf --model_args pretrained=DIR/<run> --tasks inhernet_text --metadata '{"path": "FILE"}'
 """
 
 import argparse
 import copy
+import json
 import math
 import os
 import time
@@ -67,7 +73,24 @@ def token_splits(tokenizer, data_dir, calib_samples, calib_len, eval_len, max_wi
     picks = torch.linspace(0, n_windows - 1, min(max_windows, n_windows)).round().long().unique()
     windows = torch.stack([eval_ids[i * eval_len:(i + 1) * eval_len] for i in picks.tolist()])
     note += f"; {len(pool):,} calibration-pool tokens, {len(eval_ids):,} eval tokens of which {windows.numel():,} used"
-    return calibration, windows, note
+    offset = len(ids) - len(eval_ids)
+    spans = [(offset + i * eval_len, offset + (i + 1) * eval_len) for i in picks.tolist()]
+    return calibration, windows, note, window_texts(tokenizer, eval_text, spans)
+
+
+def window_texts(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[str]:
+    """The characters of `text` behind each token span [start, end): from the end of the token before the span (so
+    the first token keeps its leading space) to the end of its last token."""
+    ends = [end for _, end in tokenizer(text, return_offsets_mapping=True)["offset_mapping"]]
+    return [text[ends[start - 1] if start else 0:ends[end - 1]] for start, end in spans]
+
+
+def write_eval_docs(path: str, tokenizer, texts: list[str]) -> None:
+    """The evaluation windows as `inhernet_text` documents (JSONL: text, and the token count lm-eval will score)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text, "tokens": len(tokenizer(text).input_ids)}) + "\n")
 
 
 @torch.no_grad()
@@ -101,6 +124,10 @@ def main() -> None:
     parser.add_argument("--max_eval_windows", type=int, default=24)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save_models", default=None,
+                        help="Save each inherited model (and the tokenizer) to SAVE_MODELS/<ratio>-<init>-<allocation>.")
+    parser.add_argument("--eval_docs_out", default=None,
+                        help="Write the evaluation windows as a JSONL file for lm-eval's `inhernet_text` task.")
     parser.add_argument("--output_json", default=None,
                         help="Write the rows here, rewritten after every row ('complete': false until the end).")
     args = parser.parse_args()
@@ -114,10 +141,12 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     dense = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
-    batches, windows, note = token_splits(tokenizer, args.data_dir, args.calibration_samples,
-                                              args.calibration_seq_len, args.eval_seq_len, args.max_eval_windows,
-                                              args.seed)
+    batches, windows, note, texts = token_splits(tokenizer, args.data_dir, args.calibration_samples,
+                                                 args.calibration_seq_len, args.eval_seq_len, args.max_eval_windows,
+                                                 args.seed)
     print(f"data: {note}")
+    if args.eval_docs_out:
+        write_eval_docs(args.eval_docs_out, tokenizer, texts)
     rows = [{"ratio": 1.0, "init": "dense", "allocation": "-", "ppl": perplexity(dense, windows, args.batch_size),
              "realised_ratio": 1.0, "compress_s": 0.0}]
     print(rows[0])
@@ -131,6 +160,9 @@ def main() -> None:
                      "ppl": perplexity(inherited, windows, args.batch_size),
                      "realised_ratio": inherited.report().ratio, "compress_s": seconds})
         print(rows[-1])
+        if args.save_models:
+            inherited.save_pretrained(Path(args.save_models) / f"{config.target_ratio}-{config.init}-"
+                                      f"{config.rank_allocation}", tokenizer=tokenizer)
         if args.output_json:
             write_json(args, rows, complete=False, model=path, data=note)
         del model, inherited

@@ -1,10 +1,12 @@
 """recipes/training_free.py: the offline WikiText-2 text, its calibration / evaluation split, and the perplexity."""
 
+import json
 import math
 
 import pytest
 import torch
 from recipes import DATA_DIR, load_recipe
+from inhernet_hf.offline_models import smollm2_path
 from reference import minilm_path, tiny_llama
 from transformers import AutoTokenizer
 
@@ -33,7 +35,7 @@ def test_calibration_pool_is_the_first_quarter_and_eval_windows_are_disjoint_and
     _, text, _ = training_free.load_wikitext(str(DATA_DIR))
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     cut, eval_len = len(ids) // 4, 128
-    calibration, windows, note = training_free.token_splits(tokenizer, str(DATA_DIR), calib_samples=8, calib_len=32,
+    calibration, windows, note, _ = training_free.token_splits(tokenizer, str(DATA_DIR), calib_samples=8, calib_len=32,
                                                             eval_len=eval_len, max_windows=5, seed=0)
     samples = torch.cat([batch["input_ids"] for batch in calibration])
     assert samples.shape == (8, 32) and windows.shape == (5, eval_len)
@@ -47,6 +49,21 @@ def test_calibration_pool_is_the_first_quarter_and_eval_windows_are_disjoint_and
     assert f"{len(pool):,} calibration-pool tokens, {len(rest):,} eval tokens of which {5 * eval_len:,} used" in note
     with pytest.raises(ValueError, match="fewer than one --eval_seq_len window"):
         training_free.token_splits(tokenizer, str(DATA_DIR), 1, 8, len(rest) + 1, 5, 0)
+
+
+@needs_wikitext
+def test_eval_docs_are_the_exact_text_of_the_eval_windows(tmp_path):
+    """--eval_docs_out: each document is the text behind one evaluation window (byte-level BPE decodes exactly)."""
+    folder, gguf = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    _, windows, _, texts = training_free.token_splits(tokenizer, str(DATA_DIR), calib_samples=2, calib_len=16,
+                                                      eval_len=256, max_windows=6, seed=0)
+    assert len(texts) == len(windows) == 6
+    assert [tokenizer.decode(w) for w in windows] == texts
+    training_free.write_eval_docs(tmp_path / "docs.jsonl", tokenizer, texts)
+    docs = [json.loads(line) for line in (tmp_path / "docs.jsonl").read_text().splitlines()]
+    assert [d["text"] for d in docs] == texts
+    assert [d["tokens"] for d in docs] == [len(tokenizer(t).input_ids) for t in texts]
 
 
 def test_perplexity_is_exp_of_the_models_mean_next_token_loss():
