@@ -3,7 +3,7 @@
 from .config import InherConfig
 from .factor import truncated_svd, whitened_svd
 from .layer import InherLinear, inher_num_params
-from .model import InherModel, get_inher_model
+from .model import InherModel, get_inher_model, plan_inheritance
 from .report import InherReport, LayerRecord
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "LayerRecord",
     "get_inher_model",
     "inher_num_params",
+    "plan_inheritance",
     "truncated_svd",
     "whitened_svd",
 ]

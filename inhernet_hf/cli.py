@@ -1,4 +1,5 @@
-"""The `inhernet` command: `inhernet compress MODEL ...`, `inhernet report DIR` and `inhernet eval LM_EVAL_ARGS`."""
+"""The `inhernet` command: `inhernet compress MODEL ...`, `inhernet report DIR`, `inhernet densify DIR --output OUT`
+and `inhernet eval LM_EVAL_ARGS`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer
 from .calibration import sample_windows
 from .config import INIT_CHOICES, RANK_ALLOCATION_CHOICES, InherConfig
 from .integration import QUANT_METHOD, InherQuantizationConfig
-from .model import get_inher_model, model_class_for
+from .model import get_inher_model, model_class_for, plan_inheritance
 from .skeleton import build_skeleton, report_from_description
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -39,6 +40,8 @@ def load_calibration_text(source: str, split: str, text_column: str, dataset_con
 
 
 def compress(args: argparse.Namespace) -> None:
+    if args.output is None and not args.dry_run:
+        raise SystemExit("inhernet compress: --output is required (or --dry-run to only print the plan).")
     if (args.r is None) == (args.target_ratio is None):
         raise SystemExit("inhernet compress: give exactly one of --r and --target-ratio.")
     try:
@@ -73,6 +76,13 @@ def compress(args: argparse.Namespace) -> None:
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         calibration = [{k: v.to(args.device) for k, v in batch.items()}
                        for batch in sample_windows(ids, args.calibration_samples, args.calibration_seq_len, args.seed)]
+    if args.dry_run:
+        try:
+            print(plan_inheritance(model, config, calibration_data=calibration))
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"inhernet compress: {err}") from None
+        print("dry run: nothing compressed or written (energy kept is known only once each layer is factored)")
+        return
     start = time.perf_counter()
     try:
         inherited = get_inher_model(model, config, calibration_data=calibration)
@@ -82,6 +92,25 @@ def compress(args: argparse.Namespace) -> None:
     inherited.save_pretrained(args.output, tokenizer=tokenizer)
     print(inherited.report())
     print(f"compressed in {seconds:.1f} s on {args.device}; saved to {args.output}")
+
+
+def densify(args: argparse.Namespace) -> None:
+    config = AutoConfig.from_pretrained(args.model)
+    description = getattr(config, "quantization_config", None)
+    if not isinstance(description, dict) or description.get("quant_method") != QUANT_METHOD:
+        raise SystemExit(f"inhernet densify: {args.model} is not an inhernet_hf checkpoint (no quantization_config "
+                         f"with quant_method={QUANT_METHOD!r}).")
+    model = model_class_for(config).from_pretrained(args.model)
+    try:
+        model = model.dequantize()
+    except ValueError as err:
+        raise SystemExit(f"inhernet densify: {err}") from None
+    model.save_pretrained(args.output)
+    try:
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.output)
+    except OSError:
+        print(f"{args.model} has no tokenizer: none written")
+    print(f"dense model ({sum(p.numel() for p in model.parameters()):,} parameters) saved to {args.output}")
 
 
 def report(args: argparse.Namespace) -> None:
@@ -135,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     c = commands.add_parser("compress", help="Inherit a model and save it (loadable with plain transformers).")
     c.add_argument("model", help="Hub id or folder of the dense model.")
-    c.add_argument("--output", required=True, help="Folder for the inherited model.")
+    c.add_argument("--output", default=None, help="Folder for the inherited model (required unless --dry-run).")
+    c.add_argument("--dry-run", action="store_true",
+                   help="Print the per-layer plan (targets, ranks, parameters) and stop: nothing is changed or saved.")
     c.add_argument("--target-ratio", type=float, default=None)
     c.add_argument("--r", type=int, default=None)
     c.add_argument("--num-heads", type=int, default=2)
@@ -163,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default=None, help="PNG path (default: ./<name>_report.png).")
     r.add_argument("--json", default=None, help="Also write the table as JSON here.")
     r.set_defaults(func=report)
+    d = commands.add_parser("densify", help="Export an inherited checkpoint as the dense model it computes exactly "
+                                             "(M = 1, gate 'none' or identical heads; refused otherwise).")
+    d.add_argument("model", help="Folder or Hub id of an inherited model.")
+    d.add_argument("--output", required=True, help="Folder for the dense checkpoint (and the tokenizer, if any).")
+    d.set_defaults(func=densify)
     e = commands.add_parser("eval", add_help=False,
                             help="lm-evaluation-harness on inherited checkpoints: every argument goes to lm_eval "
                                  "(e.g. --model hf --model_args pretrained=DIR --tasks inhernet_text).")

@@ -31,7 +31,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .layer import InherLinear
-from .skeleton import build_skeleton
+from .skeleton import build_skeleton, densify
 
 QUANT_METHOD = "inhernet"
 MODEL_TYPE = "inhernet_hf"  # config.json's model_type: unknown to transformers unless this package is imported
@@ -112,6 +112,12 @@ class InherHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         check_finite(model)
         return model
+
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: every InherLinear becomes the dense layer computing it exactly (M = 1, gate "none" or
+        identical heads), or nothing changes and a ValueError says which layer cannot. Each dense layer keeps its
+        InherLinear's dtype (transformers passes the config's dtype, which need not be the loaded one)."""
+        return densify(model)
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return True

@@ -179,6 +179,27 @@ class InherLinear(nn.Module):
             else:
                 self.inher_bias.copy_(bias.detach().expand(m, -1))
 
+    @torch.no_grad()
+    def dense_equivalent(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(W (out, in), b (out,) or None) in float64 of the dense layer computing exactly this one, when its output
+        does not depend on the gate: M = 1, gate "none" (the mean of the heads), or M identical asymmetric heads and
+        biases (as after inheritance, before training). Otherwise a ValueError: a per-token softmax mixture of
+        different heads is a nonlinear function of x, which no dense matrix computes."""
+        m, r = self.num_heads, self.rank
+        down = self.inher_down.weight.double()
+        heads = self.inher_up.weight.double().split(r, dim=1)
+        bias = None if self.inher_bias is None else self.inher_bias.double()
+        downs = down.split(r, dim=0) if self.structure == "symmetric" else [down] * m
+        if self.inher_gate is not None:
+            same = all(torch.equal(h, heads[0]) for h in heads) and (bias is None or bool((bias == bias[0]).all()))
+            if self.structure == "symmetric" or not same:
+                raise ValueError(f"this layer mixes {m} different heads with a per-token softmax gate: its output is "
+                                 f"not a linear function of x, so no dense weight computes it exactly (only M = 1, "
+                                 f"gate='none', or identical heads dequantize).")
+            return heads[0] @ down, None if bias is None else bias[0]
+        weight = sum(h @ d for h, d in zip(heads, downs)) / m
+        return weight, None if bias is None else bias.mean(dim=0)
+
     def gate_weights(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Head weights g: (..., M) from the gate, or a constant (M,) of 1/M when there is none."""
         if self.inher_gate is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -77,6 +78,50 @@ def get_inher_model(
     much better start (WikiText-2 perplexity of SmolLM2-135M at ratio 0.8: 51.5 against 4.7e7 for plain SVD;
     recipes/README.md); the recipes use it by default.
     """
+    plan = _plan(model, config, calibration_data, tokenizer, progressbar)
+    targets, modules, records, batches = plan.targets, plan.modules, plan.records, plan.batches
+    modes = {name: module.training for name, module in model.named_modules()}
+    model.eval()  # calibration passes without dropout; every module's mode is restored after
+    try:
+        by_name = {r.name: r for r in records}
+        if config.init == "whitened":
+            for grams in block_grams(model, targets, batches, desc="Inheriting blocks (whitened)",
+                                     progressbar=progressbar):
+                for name, gram in grams.items():
+                    _inherit_one(model, by_name[name], modules.pop(name), config, gram)
+        else:
+            for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
+                _inherit_one(model, record, modules.pop(record.name), config)
+    finally:
+        _restore_modes(model, modes)
+    for name in config.modules_to_save or []:
+        for module_name, module in model.named_modules():
+            if matches([name], module_name):
+                module.requires_grad_(True)
+    report = InherReport(records)
+    if isinstance(model, PreTrainedModel):
+        attach_description(model, config, report)
+    if progressbar:
+        n = sum(r.inherited for r in records)
+        target = f"target {config.target_ratio:.4f}" if config.target_ratio is not None else f"r={config.r}"
+        if config.target_modules is None:
+            print(f"inhernet_hf: target_modules inferred from the model's repeated blocks: {plan.target_spec}")
+        print(f"inhernet_hf: {n} layers inherited, {len(records) - n} kept dense; targeted parameters "
+              f"{report.dense_params:,} -> {report.params:,} (ratio {report.ratio:.4f}, {target})")
+    return InherModel(model, config, report)
+
+
+@dataclass
+class _Plan:
+    target_spec: object  # the resolved target_modules
+    targets: list[str]
+    modules: dict[str, nn.Module]
+    records: list[LayerRecord]
+    batches: Optional[list]
+
+
+def _plan(model: nn.Module, config: InherConfig, calibration_data, tokenizer, progressbar: bool) -> _Plan:
+    """Validate the request and plan every layer's rank; the model is not changed (calibration passes only)."""
     if not isinstance(config, InherConfig):
         raise TypeError(f"config must be an InherConfig, got {type(config).__name__}.")
     if isinstance(model, InherModel) or any(isinstance(m, InherLinear) for m in model.modules()):
@@ -119,37 +164,27 @@ def get_inher_model(
     records = [plan_layer(name, module, config) for name, module in modules.items()]
     if config.rank_allocation == "uniform":
         fit_uniform_ranks(records, config)
-    modes = {name: module.training for name, module in model.named_modules()}
-    model.eval()  # calibration passes without dropout; every module's mode is restored after
-    try:
-        if config.rank_allocation != "uniform":
+    else:
+        modes = {name: module.training for name, module in model.named_modules()}
+        model.eval()  # calibration passes without dropout; every module's mode is restored after
+        try:
             allocate_ranks(records, _rank_gains(model, modules, batches, config, progressbar), config)
-        by_name = {r.name: r for r in records}
-        if config.init == "whitened":
-            for grams in block_grams(model, targets, batches, desc="Inheriting blocks (whitened)",
-                                     progressbar=progressbar):
-                for name, gram in grams.items():
-                    _inherit_one(model, by_name[name], modules.pop(name), config, gram)
-        else:
-            for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
-                _inherit_one(model, record, modules.pop(record.name), config)
-    finally:
-        _restore_modes(model, modes)
-    for name in config.modules_to_save or []:
-        for module_name, module in model.named_modules():
-            if matches([name], module_name):
-                module.requires_grad_(True)
-    report = InherReport(records)
-    if isinstance(model, PreTrainedModel):
-        attach_description(model, config, report)
-    if progressbar:
-        n = sum(r.inherited for r in records)
-        target = f"target {config.target_ratio:.4f}" if config.target_ratio is not None else f"r={config.r}"
-        if config.target_modules is None:
-            print(f"inhernet_hf: target_modules inferred from the model's repeated blocks: {target_spec}")
-        print(f"inhernet_hf: {n} layers inherited, {len(records) - n} kept dense; targeted parameters "
-              f"{report.dense_params:,} -> {report.params:,} (ratio {report.ratio:.4f}, {target})")
-    return InherModel(model, config, report)
+        finally:
+            _restore_modes(model, modes)
+    return _Plan(target_spec, targets, modules, records, batches)
+
+
+def plan_inheritance(
+    model: nn.Module,
+    config: InherConfig,
+    calibration_data=None,
+    tokenizer=None,
+    progressbar: bool = True,
+) -> InherReport:
+    """What `get_inher_model(model, config, calibration_data)` would do, without changing the model: the per-layer
+    report (targets, ranks, heads, parameter counts; `energy_kept` is None, known only once factored). The same
+    validation runs, and rank_allocation="activation" runs its calibration passes over the dense model."""
+    return InherReport(_plan(model, config, calibration_data, tokenizer, progressbar).records)
 
 
 def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import InherConfig
 from .layer import InherLinear
@@ -22,8 +24,48 @@ logger = logging.getLogger(__name__)
 def new_layer(dense: nn.Module, rank: int, num_heads: int, config: InherConfig) -> InherLinear:
     """An (uninitialised) InherLinear shaped like `dense`, on its device and in its dtype (meta stays meta)."""
     weight = dense_weight(dense)
-    return InherLinear(weight.shape[1], weight.shape[0], rank, num_heads, dense.bias is not None, config.gate,
-                       config.gate_input, config.structure, device=weight.device, dtype=weight.dtype)
+    layer = InherLinear(weight.shape[1], weight.shape[0], rank, num_heads, dense.bias is not None, config.gate,
+                        config.gate_input, config.structure, device=weight.device, dtype=weight.dtype)
+    layer.replaces_conv1d = isinstance(dense, Conv1D)  # what `dequantize` gives back: Conv1D stores W transposed
+    return layer
+
+
+def dense_layer(layer: InherLinear) -> nn.Module:
+    """The nn.Linear (or Conv1D, if it replaced one) computing exactly `layer` (`InherLinear.dense_equivalent`), in
+    the layer's dtype and on its device."""
+    weight, bias = layer.dense_equivalent()
+    dtype = layer.inher_up.weight.dtype
+    device = layer.inher_up.weight.device
+    if getattr(layer, "replaces_conv1d", False):
+        dense = Conv1D(layer.out_features, layer.in_features).to(device=device, dtype=dtype)
+        weight = weight.T
+    else:
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    dense.train(layer.training)
+    return dense
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every InherLinear of `model` by its exact dense layer, in place; checks every layer first, so a model
+    with one layer that cannot be densified is left untouched."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, InherLinear)}
+    refused = {}
+    for name, layer in layers.items():
+        try:
+            layer.dense_equivalent()
+        except ValueError as err:
+            refused[name] = str(err)
+    if refused:
+        first = next(iter(refused))
+        raise ValueError(f"Cannot dequantize exactly: {len(refused)} of {len(layers)} inherited layers, e.g. "
+                         f"{first!r}: {refused[first]}")
+    for name, layer in layers.items():
+        replace_module(model, name, dense_layer(layer))
+    return model
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
