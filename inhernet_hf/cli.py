@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from .calibration import sample_windows
-from .config import INIT_CHOICES, RANK_ALLOCATION_CHOICES, InherConfig
+from .flags import add_config_flags, config_from_flags
 from .integration import QUANT_METHOD, InherQuantizationConfig
 from .model import get_inher_model, model_class_for, plan_inheritance
 from .skeleton import build_skeleton, report_from_description
@@ -42,20 +42,15 @@ def load_calibration_text(source: str, split: str, text_column: str, dataset_con
 def compress(args: argparse.Namespace) -> None:
     if args.output is None and not args.dry_run:
         raise SystemExit("inhernet compress: --output is required (or --dry-run to only print the plan).")
-    if (args.r is None) == (args.target_ratio is None):
-        raise SystemExit("inhernet compress: give exactly one of --r and --target-ratio.")
     try:
-        config = InherConfig(r=args.r, target_ratio=args.target_ratio, num_heads=args.num_heads, init=args.init,
-                             rank_allocation=args.rank_allocation, min_rank=args.min_rank,
-                             rank_multiple=args.rank_multiple, target_modules=args.target_modules,
-                             calibration_damping=args.calibration_damping, svd_niter=args.svd_niter)
+        config = config_from_flags(args, "cli")
     except (TypeError, ValueError) as err:
         raise SystemExit(f"inhernet compress: {err}") from None
     for flag in ("calibration_samples", "calibration_seq_len"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"inhernet compress: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
     if config.needs_calibration and not args.calibration_data:
-        raise SystemExit(f"inhernet compress: --init {args.init} / --rank-allocation {args.rank_allocation} need "
+        raise SystemExit(f"inhernet compress: --init {config.init} / --rank-allocation {config.rank_allocation} need "
                          f"--calibration-data (a .txt/.raw/.jsonl file, a dataset folder or a Hub dataset id).")
     if args.calibration_data and not config.needs_calibration:
         raise SystemExit("inhernet compress: --calibration-data is only used with --init whitened or "
@@ -167,15 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default=None, help="Folder for the inherited model (required unless --dry-run).")
     c.add_argument("--dry-run", action="store_true",
                    help="Print the per-layer plan (targets, ranks, parameters) and stop: nothing is changed or saved.")
-    c.add_argument("--target-ratio", type=float, default=None)
-    c.add_argument("--r", type=int, default=None)
-    c.add_argument("--num-heads", type=int, default=2)
-    c.add_argument("--init", choices=INIT_CHOICES, default="svd")
-    c.add_argument("--rank-allocation", choices=RANK_ALLOCATION_CHOICES, default="uniform")
-    c.add_argument("--min-rank", type=int, default=1)
-    c.add_argument("--rank-multiple", type=int, default=1)
-    c.add_argument("--target-modules", nargs="+", default=None, help="Names (PEFT list semantics) or 'all-linear'.")
-    c.add_argument("--svd-niter", type=int, default=4)
+    add_config_flags(c.add_argument_group("InherConfig (one option per field)"), "cli")
     c.add_argument("--calibration-data", default=None,
                    help="A .txt/.raw/.json/.jsonl file, a dataset folder or a Hub dataset id.")
     c.add_argument("--calibration-split", default="train")
@@ -183,7 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-text-column", default="text")
     c.add_argument("--calibration-samples", type=int, default=64)
     c.add_argument("--calibration-seq-len", type=int, default=256)
-    c.add_argument("--calibration-damping", type=float, default=0.0)
     c.add_argument("--gguf-file", default=None, help="GGUF file inside MODEL (loaded dequantised, as transformers does).")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -213,8 +199,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "compress" and args.target_modules == ["all-linear"]:
-        args.target_modules = "all-linear"
     args.func(args)
 
 

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
 
 from peft import TaskType
 
-INIT_CHOICES = ("svd", "svd_lowrank", "whitened", "random")
-RANK_ALLOCATION_CHOICES = ("uniform", "energy", "activation")
-HEAD_INIT_CHOICES = ("balanced", "paper", "demo")
-GATE_CHOICES = ("softmax", "none")
-GATE_INPUT_CHOICES = ("latent", "input")
-STRUCTURE_CHOICES = ("asymmetric", "symmetric")
+Init = Literal["svd", "svd_lowrank", "whitened", "random"]
+RankAllocation = Literal["uniform", "energy", "activation"]
+HeadInit = Literal["balanced", "paper", "demo"]
+Gate = Literal["softmax", "none"]
+GateInput = Literal["latent", "input"]
+Structure = Literal["asymmetric", "symmetric"]
+INIT_CHOICES = get_args(Init)
+RANK_ALLOCATION_CHOICES = get_args(RankAllocation)
+HEAD_INIT_CHOICES = get_args(HeadInit)
+GATE_CHOICES = get_args(Gate)
+GATE_INPUT_CHOICES = get_args(GateInput)
+STRUCTURE_CHOICES = get_args(Structure)
 TASK_TYPE_CHOICES = tuple(t.value for t in TaskType)
+CONFIG_NAME = "inher_config.json"
+QUANT_METHOD = "inhernet"  # the quantization_config.quant_method of inherited checkpoints
+logger = logging.getLogger(__name__)
 
 
 def calibration_needed(init: str, rank_allocation: Optional[str]) -> bool:
@@ -88,8 +100,22 @@ class InherConfig:
         metadata={
             "help": "Modules to inherit. A string is a regex matched against the full module name (re.fullmatch); "
             "a list matches exact names or dotted suffixes; 'all-linear' takes every Linear/Conv1D except the "
-            "output embeddings, classification heads and multimodal projectors. None uses the built-in default "
-            "of the model type (attention and MLP projections)."
+            "output embeddings, classification heads and multimodal projectors. None: every Linear/Conv1D inside the "
+            "model's repeated blocks (attention and MLP projections), read from its structure."
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={
+            "help": "Only inherit the targets in these blocks: the layer index in the module name (model.layers.3.* "
+            "is 3), read after `layers_pattern`. An int is one index. As in PEFT; every index must exist."
+        },
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "With `layers_to_transform`: the name(s) of the block list holding the index ('layers', 'h', "
+            "'block', ...). None: the first numbered segment of each module name."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
@@ -110,7 +136,7 @@ class InherConfig:
             "'SEQ_CLS' the classification head ('classifier', 'score') is always kept."
         },
     )
-    rank_allocation: str = field(
+    rank_allocation: RankAllocation = field(
         default="uniform",
         metadata={
             "help": "How `target_ratio` becomes per-layer ranks: 'uniform' (one rank per layer shape), 'energy' "
@@ -128,7 +154,7 @@ class InherConfig:
             "AVX-512 CPUs (float32) and tensor cores (bfloat16): recipes/speed.py measures it."
         },
     )
-    init: str = field(
+    init: Init = field(
         default="svd",
         metadata={
             "help": "'svd' (exact torch.linalg.svd), 'svd_lowrank' (randomised, see `svd_niter`), 'whitened' "
@@ -144,20 +170,20 @@ class InherConfig:
         },
     )
     svd_niter: int = field(default=4, metadata={"help": "Subspace iterations of init='svd_lowrank'."})
-    head_init: str = field(
+    head_init: HeadInit = field(
         default="balanced",
         metadata={
             "help": "'balanced': W_d = S^1/2 V^T, every head U S^1/2, so the layer computes W_r x + b at init; "
             "'paper' (heads scaled by 1/M) and 'demo' (W_d = V^T, heads U S / M) give W_r x / M + b."
         },
     )
-    gate: str = field(
+    gate: Gate = field(
         default="softmax", metadata={"help": "'softmax' per-token gate, or 'none' (plain mean of the heads)."}
     )
-    gate_input: str = field(
+    gate_input: GateInput = field(
         default="latent", metadata={"help": "What the gate reads: 'latent' (h = W_d x) or 'input' (x)."}
     )
-    structure: str = field(
+    structure: Structure = field(
         default="asymmetric",
         metadata={
             "help": "'asymmetric' (one shared down-projection, M up heads) or 'symmetric' (M full down+up pairs, "
@@ -216,6 +242,7 @@ class InherConfig:
             value = getattr(self, seq_name)
             if isinstance(value, (tuple, set)):
                 setattr(self, seq_name, sorted(value) if isinstance(value, set) else list(value))
+        self._check_layers()
         if not isinstance(self.rank_pattern, dict):
             raise TypeError(f"InherConfig.rank_pattern={self.rank_pattern!r} must be a dict of regex -> rank/ratio.")
         for key, value in self.rank_pattern.items():
@@ -226,6 +253,28 @@ class InherConfig:
             raise ValueError(f"InherConfig {rank_shaping} shape the ranks solved from a ratio; with r={self.r} (and no "
                              f"ratio in rank_pattern) every layer gets exactly its given rank. Drop them or give "
                              f"`target_ratio`.")
+
+    def _check_layers(self) -> None:
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if layers is None:
+            if pattern is not None:
+                raise ValueError(f"InherConfig.layers_pattern={pattern!r} only says where `layers_to_transform` reads "
+                                 f"the layer index; give layers_to_transform too, or drop it.")
+            return
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise ValueError("InherConfig.layers_to_transform cannot be used with a regex `target_modules` (as in "
+                             "PEFT): put the layer indices in the regex, or give target_modules as a list.")
+        layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        if (not isinstance(layers, (list, tuple)) or not layers
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+            raise ValueError(f"InherConfig.layers_to_transform={self.layers_to_transform!r} must be an int >= 0 or a "
+                             f"non-empty list of them.")
+        self.layers_to_transform = sorted(set(layers))
+        if pattern is not None:
+            pattern = [pattern] if isinstance(pattern, str) else pattern
+            if not isinstance(pattern, (list, tuple)) or not all(isinstance(p, str) and p for p in pattern):
+                raise TypeError(f"InherConfig.layers_pattern={self.layers_pattern!r} must be a name or a list of names.")
+            self.layers_pattern = list(pattern)
 
     @property
     def needs_calibration(self) -> bool:
@@ -238,12 +287,50 @@ class InherConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InherConfig":
-        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        """Inverse of `to_dict`. As PEFT reads its configs, fields this version does not know (written by a newer
+        one) are dropped with a warning naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown InherConfig field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**data)
+            logger.warning("Ignoring InherConfig field(s) %s unknown to this version of inhernet_hf (known: %s); "
+                           "upgrade inhernet_hf to use them.", unknown, sorted(known))
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the config as `inher_config.json` in `save_directory` (created if needed), as PEFT writes
+        `adapter_config.json`."""
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"save_directory={str(folder)!r} is a file; give a folder.")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(self.to_json_string() + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> "InherConfig":
+        """Read `inher_config.json` from a folder or a Hub repo (`hub_kwargs`: revision, token, cache_dir, subfolder,
+        local_files_only...), or, from an inherited checkpoint, the config its `config.json` records."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        source = Path(pretrained_model_name_or_path)
+
+        def read(filename: str) -> Optional[dict]:
+            if source.is_dir():
+                path = source / hub_kwargs.get("subfolder", "") / filename
+                return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+            try:
+                return json.loads(Path(hf_hub_download(str(source), filename, **hub_kwargs)).read_text("utf-8"))
+            except EntryNotFoundError:
+                return None
+
+        data = read(CONFIG_NAME)
+        if data is None:
+            description = (read("config.json") or {}).get("quantization_config") or {}
+            data = description.get("inher_config") if description.get("quant_method") == QUANT_METHOD else None
+        if data is None:
+            raise ValueError(f"{source} has neither {CONFIG_NAME} nor an inherited model's config.json "
+                             f"(a quantization_config with quant_method 'inhernet').")
+        return cls.from_dict(data)

@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
-from typing import Any, Iterable, Optional, Union
+import typing
+from typing import Any, Iterable, Literal, Optional, Union
 
 from .config import InherConfig, calibration_needed
 
@@ -109,41 +112,89 @@ def add_kd_args(parser: argparse.ArgumentParser, alpha: float = 0.5,
 
 
 def add_inher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags mapping to `InherConfig` (validated by InherConfig itself, so new choices need no change here)."""
+    """`--no_inher`, one `--inher_<field>` flag per `InherConfig` field (its help text; validated by InherConfig),
+    and `--inher_calibration_samples`. Recipe defaults: the whitened init with activation ranks (the measured best)
+    and target_ratio 0.5 when `--inher_r` is not given; the task type is the recipe's."""
     group = parser.add_argument_group("inheritance (InherConfig)")
     group.add_argument("--no_inher", action="store_true", help="Train the plain (dense) model: the teacher run.")
-    group.add_argument("--inher_r", type=int, default=None, help="Rank of every inherited layer.")
-    group.add_argument("--inher_target_ratio", type=float, default=None,
-                       help="Fraction of the targeted layers' parameters kept (default 0.5 when --inher_r is not "
-                            "given).")
-    group.add_argument("--inher_num_heads", type=int, default=2, help="Number of gated up-projection heads.")
-    group.add_argument("--inher_init", type=str, default="whitened",
-                       help="'whitened' (activation-aware SVD calibrated on training examples, the measured best), "
-                            "'svd' (the paper's data-free init: with it the ranks default to 'uniform'), "
-                            "'svd_lowrank' or 'random'.")
-    group.add_argument("--inher_rank_allocation", type=str, default=None,
-                       help="'uniform', 'energy' or 'activation' (InherConfig.rank_allocation; default: 'activation' "
-                            "with --inher_init whitened, else 'uniform').")
-    group.add_argument("--inher_min_rank", type=int, default=None,
-                       help="InherConfig.min_rank (default: InherConfig's).")
-    group.add_argument("--inher_rank_multiple", type=int, default=None,
-                       help="InherConfig.rank_multiple (default: InherConfig's).")
-    group.add_argument("--inher_gate", type=str, default=None,
-                       help="'softmax' or 'none' (InherConfig.gate; default: InherConfig's).")
-    group.add_argument("--inher_structure", type=str, default=None,
-                       help="'asymmetric' or 'symmetric' (InherConfig.structure; default: InherConfig's).")
-    group.add_argument("--inher_target_modules", type=str, nargs="+", default=None,
-                       help="Module names to inherit, one regex string, or 'all-linear' (default: the model type's).")
+    add_config_flags(group, "recipe", defaults={"init": "whitened"}, described={
+        "target_ratio": "0.5 when --inher_r is not given",
+        "rank_allocation": "'activation' with --inher_init whitened and a ratio, else 'uniform'"})
     group.add_argument("--inher_calibration_samples", type=_positive_int, default=128,
                        help="Training examples passed as calibration_data when the config needs them "
                             "(--inher_init whitened or --inher_rank_allocation activation).")
     return parser
 
 
+# InherConfig fields a recipe sets itself: the task type follows the recipe's model head.
+RECIPE_SET_FIELDS = ("task_type",)
 
-INHER_FLAGS = ("inher_r", "inher_target_ratio", "inher_num_heads", "inher_init", "inher_rank_allocation",
-               "inher_min_rank", "inher_rank_multiple", "inher_gate", "inher_structure", "inher_target_modules",
-               "inher_calibration_samples")
+
+def config_flag(name: str, style: str) -> str:
+    """The flag of InherConfig field `name`: `--inher_<name>` in the recipes, `--<name-with-dashes>` in `inhernet`."""
+    return f"--inher_{name}" if style == "recipe" else "--" + name.replace("_", "-")
+
+
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"down_proj\": 32}}', got {value!r} "
+                                         f"({err}).") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"down_proj\": 32}}', got {value!r}.")
+    return parsed
+
+
+def _argparse_kwargs(hint: Any) -> dict[str, Any]:
+    """argparse `type` / `nargs` / `choices` for a field's type (Optional stripped)."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is Union else [hint]
+    if len(options) == 1 and typing.get_origin(options[0]) is Literal:
+        return {"type": str, "choices": typing.get_args(options[0])}
+    if any(typing.get_origin(o) is dict or o is dict for o in options):
+        return {"type": _json_object}
+    lists = [typing.get_args(o)[0] for o in options if typing.get_origin(o) is list]
+    if lists:
+        return {"type": lists[0], "nargs": "+"}
+    return {"type": options[0]}
+
+
+def add_config_flags(group, style: str, defaults: Optional[dict[str, Any]] = None,
+                     described: Optional[dict[str, str]] = None) -> None:
+    """One flag per InherConfig field (see `config_flag`, its help from the field's metadata). Its default is None
+    (InherConfig's own), or the value in `defaults`; `described` replaces the "(default: ...)" text of fields whose
+    default the caller computes. The recipes skip RECIPE_SET_FIELDS."""
+    defaults, described = defaults or {}, described or {}
+    hints = typing.get_type_hints(InherConfig)
+    for f in dataclasses.fields(InherConfig):
+        if style == "recipe" and f.name in RECIPE_SET_FIELDS:
+            continue
+        own = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = defaults.get(f.name)
+        shown = described.get(f.name, repr(default if default is not None else own))
+        group.add_argument(config_flag(f.name, style), dest=f"inher_{f.name}" if style == "recipe" else f.name,
+                           default=default, help=f"{f.metadata['help']} (default: {shown})",
+                           **_argparse_kwargs(hints[f.name]))
+
+
+def config_from_flags(args: argparse.Namespace, style: str, **fixed: Any) -> InherConfig:
+    """The InherConfig of the flags `add_config_flags` made (those left at None take InherConfig's default), with
+    `fixed` fields on top. One value of `target_modules` / `exclude_modules` that is 'all-linear' or looks like a
+    regex is passed as a string (PEFT's regex form), anything else as a list of names."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(InherConfig):
+        value = getattr(args, f"inher_{f.name}" if style == "recipe" else f.name, None)
+        if value is None:
+            continue
+        if f.name in ("target_modules", "exclude_modules") and len(value) == 1 and (
+                value[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", value[0])):
+            value = value[0]
+        kwargs[f.name] = value
+    return InherConfig(**{**kwargs, **fixed})
+
+
+INHER_FLAGS = tuple(f"inher_{f.name}" for f in dataclasses.fields(InherConfig)
+                    if f.name not in RECIPE_SET_FIELDS) + ("inher_calibration_samples",)
 
 
 KD_FLAGS = ("kd_alpha", "kd_temperature", "teacher_name_or_path", "kd_hidden_weight")
@@ -199,22 +250,8 @@ def rank_allocation_of(args: argparse.Namespace) -> str:
 
 
 def inher_config_from_args(args: argparse.Namespace, task_type: str) -> InherConfig:
-    """The `InherConfig` of the `--inher_*` flags (InherConfig validates the values)."""
-    kwargs: dict[str, Any] = {"num_heads": args.inher_num_heads, "init": args.inher_init, "task_type": task_type}
-    if args.inher_r is not None:
-        kwargs["r"] = args.inher_r
-    else:
-        kwargs["target_ratio"] = 0.5 if args.inher_target_ratio is None else args.inher_target_ratio
-    if args.inher_target_modules is not None:
-        modules = args.inher_target_modules
-        # One value that is 'all-linear' or looks like a regex is passed as a string, anything else as a name list.
-        is_pattern = len(modules) == 1 and (modules[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", modules[0]))
-        kwargs["target_modules"] = modules[0] if is_pattern else modules
-    kwargs["rank_allocation"] = rank_allocation_of(args)
-    for flag, name in (("inher_min_rank", "min_rank"),
-                       ("inher_rank_multiple", "rank_multiple"), ("inher_gate", "gate"),
-                       ("inher_structure", "structure")):
-        if getattr(args, flag, None) is not None:
-            kwargs[name] = getattr(args, flag)
-    return InherConfig(**kwargs)
-
+    """The `InherConfig` of the `--inher_*` flags (InherConfig validates the values), with the recipe's defaults."""
+    fixed: dict[str, Any] = {"task_type": task_type, "rank_allocation": rank_allocation_of(args)}
+    if args.inher_r is None and args.inher_target_ratio is None:
+        fixed["target_ratio"] = 0.5
+    return config_from_flags(args, "recipe", **fixed)

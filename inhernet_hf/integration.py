@@ -30,10 +30,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .config import QUANT_METHOD
 from .layer import InherLinear
 from .skeleton import build_skeleton, densify
 
-QUANT_METHOD = "inhernet"
 MODEL_TYPE = "inhernet_hf"  # config.json's model_type: unknown to transformers unless this package is imported
 BASE_MODEL_TYPE_KEY = "inher_base_model_type"  # config.json: the base model's own model_type
 # 1: model_type of the base model (loads silently wrong without this package); 2: model_type "inhernet_hf".

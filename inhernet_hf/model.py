@@ -147,7 +147,7 @@ def _plan(model: nn.Module, config: InherConfig, calibration_data, tokenizer, pr
                          f"rank_allocation='activation', or drop calibration_data.")
     batches = prepare_calibration(calibration_data, tokenizer) if config.needs_calibration else None
     target_spec = resolve_target_spec(model, config.target_modules)
-    targets = find_targets(model, target_spec, config.exclude_modules, config.modules_to_save, config.task_type)
+    targets = find_targets(model, config, target_spec)
     modules = {name: model.get_submodule(name) for name in targets}
     shared = _shared_parameters(model)
     for name, module in modules.items():

@@ -69,8 +69,7 @@ def layer_student_param_count(teacher: nn.Module, num_layers: int) -> int:
 
 def targeted_param_count(model: nn.Module, config: InherConfig) -> int:
     """Parameters (weights and biases) of the dense layers `config` targets in `model`."""
-    names = find_targets(model, config.target_modules, config.exclude_modules, config.modules_to_save,
-                         config.task_type)
+    names = find_targets(model, config)
     total = 0
     for name in names:
         module = model.get_submodule(name)

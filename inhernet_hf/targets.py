@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
+
+if TYPE_CHECKING:
+    from .config import InherConfig
 
 logger = logging.getLogger(__name__)
 
@@ -123,27 +126,23 @@ def resolve_target_spec(model: nn.Module, target_modules: TargetSpec) -> TargetS
     return spec
 
 
-def find_targets(
-    model: nn.Module,
-    target_modules: TargetSpec,
-    exclude_modules: TargetSpec = None,
-    modules_to_save: Optional[list[str]] = None,
-    task_type: Optional[str] = None,
-) -> list[str]:
-    """Full names of the modules to inherit, in `named_modules` order.
+def find_targets(model: nn.Module, config: "InherConfig", target_spec: TargetSpec = None) -> list[str]:
+    """Full names of the modules `config` inherits, in `named_modules` order: its target_modules (or `target_spec`,
+    already resolved; default: `resolve_target_spec`) minus exclude_modules and modules_to_save, restricted to the
+    blocks `layers_to_transform` names.
 
-    Raises if nothing matches (listing the Linear layers that exist) or if a matched module is not a
-    plain `nn.Linear`/`Conv1D` (quantised layers, embeddings, convolutions...).
+    Raises if nothing matches (listing the Linear layers that exist), if a listed layer index does not exist, or if a
+    matched module is not a plain `nn.Linear`/`Conv1D` (quantised layers, embeddings, convolutions...).
     """
-    spec = resolve_target_spec(model, target_modules)
-    keep_dense = list(modules_to_save or [])
-    if task_type == "SEQ_CLS":
+    spec = target_spec if target_spec is not None else resolve_target_spec(model, config.target_modules)
+    keep_dense = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
         keep_dense += [n for n in SEQ_CLS_HEAD_NAMES if n not in keep_dense]
     all_linear = spec == "all-linear"
     skipped = _all_linear_excluded(model) if all_linear else set()
     targets = []
     for name, module in model.named_modules():
-        if not name or matches(exclude_modules, name) or matches(keep_dense, name):
+        if not name or matches(config.exclude_modules, name) or matches(keep_dense, name):
             continue
         if any(matches(keep_dense, prefix) for prefix in _prefixes(name)):
             continue  # inside a module kept dense
@@ -152,11 +151,13 @@ def find_targets(
                 targets.append(name)
         elif matches(spec, name):
             targets.append(name)
+    if targets and config.layers_to_transform is not None:
+        targets = _in_layers(targets, config.layers_to_transform, config.layers_pattern)
     if not targets:
         names = _linear_names(model)
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
         raise ValueError(
-            f"target_modules={spec!r} matched no module (after exclude_modules={exclude_modules!r}). "
+            f"target_modules={spec!r} matched no module (after exclude_modules={config.exclude_modules!r}). "
             f"Linear layers in this model: {shown or 'none'}."
         )
     for name in targets:
@@ -168,6 +169,31 @@ def find_targets(
                 f"(unquantised) are supported. Narrow `target_modules` or add it to `exclude_modules`."
             )
     return targets
+
+
+def layer_index(name: str, layers_pattern: Optional[list[str]]) -> Optional[int]:
+    """PEFT's layer index of a module name: the number after one of `layers_pattern` (`model.layers.3.mlp` -> 3),
+    or without a pattern the first numbered segment; None if there is none."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name) or re.match(r"[^.]*\.(?P<idx>\d+)\.", name)
+        return int(match["idx"]) if match else None
+    for pattern in layers_pattern:
+        match = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(?P<idx>\d+)\.", name)
+        if match:
+            return int(match["idx"])
+    return None
+
+
+def _in_layers(targets: list[str], layers: list[int], layers_pattern: Optional[list[str]]) -> list[str]:
+    """The targets inside the listed blocks; every listed index must exist."""
+    index = {name: layer_index(name, layers_pattern) for name in targets}
+    present = sorted({i for i in index.values() if i is not None})
+    absent = sorted(set(layers) - set(present))
+    if absent:
+        where = f"layers_pattern={layers_pattern!r}" if layers_pattern else "the first numbered segment"
+        raise ValueError(f"layers_to_transform={layers} names layer indices {absent} that no target has (read from "
+                         f"{where}); the targets' layer indices are {present or 'none'}.")
+    return [name for name in targets if index[name] in layers]
 
 
 def _prefixes(name: str) -> list[str]:

@@ -1,6 +1,7 @@
 """InherConfig validation and serialisation; get_inher_model's errors on bad models and targets."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -52,8 +53,68 @@ def test_config_round_trips_through_json():
                          svd_niter=8, head_init="demo", gate_input="input", task_type="CAUSAL_LM")
     restored = InherConfig.from_dict(json.loads(config.to_json_string()))
     assert restored == config
-    with pytest.raises(ValueError, match=r"Unknown InherConfig field\(s\) \['alpha'\]"):
-        InherConfig.from_dict({**config.to_dict(), "alpha": 1})
+
+
+def test_unknown_fields_from_a_newer_version_are_dropped_with_a_warning(caplog):
+    config = InherConfig(r=4)
+    with caplog.at_level("WARNING", logger="inhernet_hf.config"):
+        restored = InherConfig.from_dict({**config.to_dict(), "alpha": 1})
+    assert restored == config
+    assert "Ignoring InherConfig field(s) ['alpha'] unknown to this version" in caplog.text
+
+
+def test_config_save_pretrained_and_from_pretrained(tmp_path):
+    config = InherConfig(target_ratio=0.5, num_heads=3, layers_to_transform=[1], layers_pattern="layers")
+    config.save_pretrained(tmp_path / "cfg")
+    assert json.loads((tmp_path / "cfg" / "inher_config.json").read_text())["num_heads"] == 3
+    assert InherConfig.from_pretrained(tmp_path / "cfg") == config
+    # an inherited checkpoint: the config its config.json records
+    from reference import tiny_llama
+
+    get_inher_model(tiny_llama(), config, progressbar=False).save_pretrained(tmp_path / "model")
+    assert InherConfig.from_pretrained(tmp_path / "model") == config
+    with pytest.raises(ValueError, match="has neither inher_config.json nor an inherited model's config.json"):
+        InherConfig.from_pretrained(tmp_path)
+
+
+def test_choices_are_typed_as_literals():
+    import typing
+
+    from inhernet_hf import config as module
+
+    hints = typing.get_type_hints(InherConfig)
+    for field, choices in (("init", module.INIT_CHOICES), ("rank_allocation", module.RANK_ALLOCATION_CHOICES),
+                           ("head_init", module.HEAD_INIT_CHOICES), ("gate", module.GATE_CHOICES),
+                           ("gate_input", module.GATE_INPUT_CHOICES), ("structure", module.STRUCTURE_CHOICES)):
+        assert typing.get_origin(hints[field]) is typing.Literal and typing.get_args(hints[field]) == choices
+
+
+def test_layers_to_transform_keeps_only_those_blocks(tiny_llama):
+    inherited = get_inher_model(tiny_llama, InherConfig(r=4, layers_to_transform=1), progressbar=False)
+    names = [r.name for r in inherited.report().rows]
+    assert len(names) == 7 and all(n.startswith("model.layers.1.") for n in names)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layers_to_transform=[5]), r"layers_to_transform=\[5\] names layer indices \[5\] that no target has.*"
+                                    r"the targets' layer indices are \[0, 1\]"),
+    (dict(layers_to_transform=[0], layers_pattern="blocks"), r"indices \[0\] that no target has \(read from "
+                                                              r"layers_pattern=\['blocks'\]\)"),
+])
+def test_layers_to_transform_names_what_is_missing(tiny_llama, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_inher_model(tiny_llama, InherConfig(r=4, **kwargs), progressbar=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layers_pattern="layers"), "only says where `layers_to_transform` reads"),
+    (dict(layers_to_transform=[0], target_modules=r".*q_proj"), "cannot be used with a regex `target_modules`"),
+    (dict(layers_to_transform=[]), "must be an int >= 0 or a non-empty list"),
+    (dict(layers_to_transform=[-1]), "must be an int >= 0 or a non-empty list"),
+])
+def test_layers_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        InherConfig(r=4, **kwargs)
 
 
 @pytest.fixture(name="tiny_llama")

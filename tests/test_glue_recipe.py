@@ -757,7 +757,9 @@ def test_tracking_with_no_installed_tracker_is_an_error(tmp_path):
 @needs_glue
 def test_bad_inheritance_and_resume_options(tmp_path, capsys):
     message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--inher_init", "bogus"], tmp_path, capsys)
-    assert "bad inheritance options" in message and "bogus" in message
+    assert "argument --inher_init: invalid choice: 'bogus' (choose from 'svd', 'svd_lowrank', 'whitened'" in message
+    message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--inher_num_heads", "0"], tmp_path, capsys)
+    assert "bad inheritance options" in message and "num_heads=0 must be an int >= 1" in message
     message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--inher_r", "8", "--inher_target_ratio", "0.5"],
                     tmp_path, capsys)
     assert "only one of --inher_r and --inher_target_ratio" in message
