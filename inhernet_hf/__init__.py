@@ -2,6 +2,7 @@
 
 from .config import InherConfig
 from .factor import truncated_svd, whitened_svd
+from .conv import InherConv2d
 from .layer import InherLinear, inher_num_params
 from .model import InherModel, get_inher_model, plan_inheritance
 from .report import InherReport, LayerRecord
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "InherConfig",
+    "InherConv2d",
     "InherLinear",
     "InherModel",
     "InherReport",

@@ -98,7 +98,7 @@ class InherLinear(nn.Module):
             if module is not None:
                 module.reset_parameters()
         if self.inher_bias is not None:
-            bound = 1.0 / math.sqrt(self.inher_up.in_features)
+            bound = 1.0 / math.sqrt(self.num_heads * self.rank)  # the up-projection's fan-in
             nn.init.uniform_(self.inher_bias, -bound, bound)
 
     @property
@@ -171,8 +171,8 @@ class InherLinear(nn.Module):
             down, head = vh, u * s / m
         if self.structure == "symmetric":
             down = down.repeat(m, 1)
-        self.inher_down.weight.copy_(down)
-        self.inher_up.weight.copy_(head.repeat(1, m))
+        self.inher_down.weight.copy_(down.view_as(self.inher_down.weight))  # a conv down-projection: (r, in, k, k)
+        self.inher_up.weight.copy_(head.repeat(1, m).view_as(self.inher_up.weight))
         if self.inher_bias is not None:
             if bias is None:
                 self.inher_bias.zero_()
@@ -186,8 +186,8 @@ class InherLinear(nn.Module):
         biases (as after inheritance, before training). Otherwise a ValueError: a per-token softmax mixture of
         different heads is a nonlinear function of x, which no dense matrix computes."""
         m, r = self.num_heads, self.rank
-        down = self.inher_down.weight.double()
-        heads = self.inher_up.weight.double().split(r, dim=1)
+        down = self.inher_down.weight.double().flatten(1)  # a conv's (r, in, k, k) as (r, in·k·k)
+        heads = self.inher_up.weight.double().flatten(1).split(r, dim=1)
         bias = None if self.inher_bias is None else self.inher_bias.double()
         downs = down.split(r, dim=0) if self.structure == "symmetric" else [down] * m
         if self.inher_gate is not None:

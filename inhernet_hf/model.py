@@ -149,6 +149,12 @@ def _plan(model: nn.Module, config: InherConfig, calibration_data, tokenizer, pr
     target_spec = resolve_target_spec(model, config.target_modules)
     targets = find_targets(model, config, target_spec)
     modules = {name: model.get_submodule(name) for name in targets}
+    convs = [name for name, module in modules.items() if isinstance(module, nn.Conv2d)]
+    if convs and (config.needs_calibration or config.structure != "asymmetric" or config.gate_input != "latent"):
+        raise ValueError(f"{len(convs)} targets are Conv2d layers (e.g. {convs[0]!r}); for convolutions init="
+                         f"'whitened' and rank_allocation='activation' are not supported yet, nor structure="
+                         f"'symmetric' or gate_input='input'. Use init='svd' with rank_allocation 'uniform' or "
+                         f"'energy', or leave the convolutions out (exclude_modules).")
     shared = _shared_parameters(model)
     for name, module in modules.items():
         _check_weight(name, module)

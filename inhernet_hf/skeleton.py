@@ -11,6 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import InherConfig
+from .conv import InherConv2d
 from .layer import InherLinear
 from .report import InherReport, LayerRecord, dense_param_count
 from .targets import dense_weight, is_replaceable
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 def new_layer(dense: nn.Module, rank: int, num_heads: int, config: InherConfig) -> InherLinear:
     """An (uninitialised) InherLinear shaped like `dense`, on its device and in its dtype (meta stays meta)."""
     weight = dense_weight(dense)
+    if isinstance(dense, nn.Conv2d):
+        return InherConv2d(dense, rank, num_heads, config.gate, config.gate_input, config.structure,
+                           device=weight.device, dtype=weight.dtype)
     layer = InherLinear(weight.shape[1], weight.shape[0], rank, num_heads, dense.bias is not None, config.gate,
                         config.gate_input, config.structure, device=weight.device, dtype=weight.dtype)
     layer.replaces_conv1d = isinstance(dense, Conv1D)  # what `dequantize` gives back: Conv1D stores W transposed
@@ -31,12 +35,18 @@ def new_layer(dense: nn.Module, rank: int, num_heads: int, config: InherConfig) 
 
 
 def dense_layer(layer: InherLinear) -> nn.Module:
-    """The nn.Linear (or Conv1D, if it replaced one) computing exactly `layer` (`InherLinear.dense_equivalent`), in
+    """The nn.Linear (Conv1D / Conv2d, if it replaced one) computing exactly `layer` (`InherLinear.dense_equivalent`), in
     the layer's dtype and on its device."""
     weight, bias = layer.dense_equivalent()
     dtype = layer.inher_up.weight.dtype
     device = layer.inher_up.weight.device
-    if getattr(layer, "replaces_conv1d", False):
+    if isinstance(layer, InherConv2d):
+        down = layer.inher_down
+        dense = nn.Conv2d(down.in_channels, layer.out_features, down.kernel_size, stride=down.stride,
+                          padding=down.padding, dilation=down.dilation, bias=bias is not None, device=device,
+                          dtype=dtype)
+        weight = weight.view_as(dense.weight)
+    elif getattr(layer, "replaces_conv1d", False):
         dense = Conv1D(layer.out_features, layer.in_features).to(device=device, dtype=dtype)
         weight = weight.T
     else:

@@ -32,11 +32,14 @@ TargetSpec = Optional[Union[str, list[str]]]
 
 def is_replaceable(module: nn.Module) -> bool:
     """A dense layer InherLinear can replace: `nn.Linear` (or a subclass computing the same x Wᵀ + b: one that keeps
-    Linear's forward, or Falcon's bias-split `FalconLinear`) or transformers' `Conv1D`. Subclasses with their own
-    forward (MoE routers, quantised layers such as bitsandbytes') are not."""
+    Linear's forward, or Falcon's bias-split `FalconLinear`), transformers' `Conv1D`, or (as InherConv2d) an
+    `nn.Conv2d` with groups = 1. Subclasses with their own forward (MoE routers, quantised layers such as
+    bitsandbytes') are not."""
     kind = type(module)
     if kind is Conv1D:
         return True
+    if kind is nn.Conv2d:  # InherConv2d: dense convolutions only, never depthwise or grouped ones
+        return module.groups == 1 and module.padding_mode == "zeros"
     if kind is NonDynamicallyQuantizableLinear:  # MultiheadAttention.out_proj: its weight is read, never called
         return False
     return isinstance(module, nn.Linear) and (kind.forward is nn.Linear.forward or kind.__name__ == "FalconLinear")
@@ -147,7 +150,7 @@ def find_targets(model: nn.Module, config: "InherConfig", target_spec: TargetSpe
         if any(matches(keep_dense, prefix) for prefix in _prefixes(name)):
             continue  # inside a module kept dense
         if all_linear:
-            if is_replaceable(module) and name not in skipped:
+            if is_replaceable(module) and not isinstance(module, nn.Conv2d) and name not in skipped:
                 targets.append(name)
         elif matches(spec, name):
             targets.append(name)
@@ -165,8 +168,8 @@ def find_targets(model: nn.Module, config: "InherConfig", target_spec: TargetSpe
         if not is_replaceable(module):
             raise TypeError(
                 f"Module {name!r} of type {type(module).__module__}.{type(module).__name__} matched "
-                f"target_modules but cannot be inherited: only torch.nn.Linear and transformers Conv1D "
-                f"(unquantised) are supported. Narrow `target_modules` or add it to `exclude_modules`."
+                f"target_modules but cannot be inherited: only torch.nn.Linear, transformers Conv1D (unquantised) "
+                f"and nn.Conv2d with groups=1 are supported. Narrow `target_modules` or add it to `exclude_modules`."
             )
     return targets
 
@@ -202,5 +205,8 @@ def _prefixes(name: str) -> list[str]:
 
 
 def dense_weight(module: nn.Module):
-    """The weight as (out, in), whatever the layer's storage convention (Conv1D stores (in, out))."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
+    """The weight as (out, in), whatever the layer's storage convention: Conv1D stores (in, out), a Conv2d kernel
+    (out, in, k, k) is the map (out, in·k·k) on unfolded patches."""
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    return module.weight.flatten(1) if isinstance(module, nn.Conv2d) else module.weight
