@@ -535,7 +535,7 @@ def save_final_model(accelerator: Accelerator, model: nn.Module, tokenizer, args
                                   eval_dataset=eval_dataset, is_main_process=accelerator.is_main_process)
     else:
         unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and tokenizer is not None:  # a tokenizer or an image processor
             tokenizer.save_pretrained(args.output_dir)
     if repo_id is None or not accelerator.is_main_process:
         return
