@@ -54,7 +54,7 @@ def main() -> None:
     model = auto_class.from_pretrained(path, **load_kwargs, **({"num_labels": 2} if task == "SEQ_CLS" else {}))
     model = get_inher_model(model, InherConfig(target_ratio=args.target_ratio, num_heads=args.num_heads,
                                                task_type=task))
-    print(model.report())
+    print(model.inher_report)
     model.save_pretrained(args.output_dir, tokenizer=tokenizer)
     if args.push_to_hub:
         print("pushed:", model.push_to_hub(args.hub_model_id, tokenizer=tokenizer).commit_url)

@@ -7,7 +7,7 @@ from .layer import InherLinear, inher_num_params
 from .model import InherModel, get_inher_model, plan_inheritance
 from .report import InherReport, LayerRecord
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "InherConfig",

@@ -85,7 +85,7 @@ def compress(args: argparse.Namespace) -> None:
         raise SystemExit(f"inhernet compress: {err}") from None
     seconds = time.perf_counter() - start
     inherited.save_pretrained(args.output, tokenizer=tokenizer)
-    print(inherited.report())
+    print(inherited.inher_report)
     print(f"compressed in {seconds:.1f} s on {args.device}; saved to {args.output}")
 
 

@@ -30,9 +30,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .config import QUANT_METHOD
+from .config import QUANT_METHOD, InherConfig
 from .layer import InherLinear
-from .skeleton import build_skeleton, densify
+from .skeleton import build_skeleton, densify, report_from_description
 
 MODEL_TYPE = "inhernet_hf"  # config.json's model_type: unknown to transformers unless this package is imported
 BASE_MODEL_TYPE_KEY = "inher_base_model_type"  # config.json: the base model's own model_type
@@ -110,20 +110,37 @@ class InherHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        """Check the loaded values and make the model an `InherModel` (`get_inher_model` runs this too, through
+        `attach_description`)."""
+        from .model import make_inherited
+
         check_finite(model)
+        description = self.quantization_config
+        make_inherited(model, InherConfig.from_dict(description.inher_config),
+                       report_from_description(model, description))
         return model
 
     def _dequantize(self, model, dtype=None):
         """`model.dequantize()`: every InherLinear becomes the dense layer computing it exactly (M = 1, gate "none" or
         identical heads), or nothing changes and a ValueError says which layer cannot. Each dense layer keeps its
         InherLinear's dtype (transformers passes the config's dtype, which need not be the loaded one)."""
-        return densify(model)
+        from .model import make_dense
+
+        densify(model)
+        make_dense(model)
+        return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return True
 
     @property
     def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """The inherited factors are ordinary float parameters: the whole model trains, no adapter needed (HF Trainer
+        refuses a "quantized" model without adapters unless this holds)."""
         return True
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from .factor import spectrum
 from .integration import ALLOW_PICKLE, KEY_MAPPING, QUANT_METHOD, InherHfQuantizer, InherQuantizationConfig
 from .layer import InherLinear
 from .report import InherReport, LayerRecord
-from .skeleton import new_layer, replace_module, report_from_description
+from .skeleton import new_layer, replace_module
 from .targets import dense_weight, find_targets, is_replaceable, matches, resolve_target_spec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -60,8 +61,9 @@ def get_inher_model(
     calibration_data=None,
     tokenizer=None,
     progressbar: bool = True,
-) -> "InherModel":
-    """Replace the targeted projections of `model` by SVD-initialised `InherLinear` layers, in place.
+) -> nn.Module:
+    """Replace the targeted projections of `model` by SVD-initialised `InherLinear` layers, in place, and return
+    `model` itself, now an `InherModel` (same class, plus `inher_report`, the per-layer table).
 
     Args:
         model: a transformers model (or any nn.Module with `target_modules` given), dense and unquantised.
@@ -101,6 +103,7 @@ def get_inher_model(
     report = InherReport(records)
     if isinstance(model, PreTrainedModel):
         attach_description(model, config, report)
+    make_inherited(model, config, report)
     if progressbar:
         n = sum(r.inherited for r in records)
         target = f"target {config.target_ratio:.4f}" if config.target_ratio is not None else f"r={config.r}"
@@ -108,7 +111,7 @@ def get_inher_model(
             print(f"inhernet_hf: target_modules inferred from the model's repeated blocks: {plan.target_spec}")
         print(f"inhernet_hf: {n} layers inherited, {len(records) - n} kept dense; targeted parameters "
               f"{report.dense_params:,} -> {report.params:,} (ratio {report.ratio:.4f}, {target})")
-    return InherModel(model, config, report)
+    return model
 
 
 @dataclass
@@ -264,44 +267,30 @@ def attach_description(model: PreTrainedModel, config: InherConfig, report: Inhe
     model.hf_quantizer.postprocess_model(model)
 
 
-class InherModel(nn.Module):
-    """A transformers model whose projections were inherited; forwards and generates like the original."""
+class InherModel:
+    """What every inherited model is: the transformers model itself, its class swapped for a subclass of its own
+    class with this mixin (same name and module, so `config.architectures` and transformers' lookups are unchanged).
 
-    def __init__(self, base_model: nn.Module, inher_config: InherConfig, report: InherReport) -> None:
-        super().__init__()
-        self.base_model = base_model
-        self.inher_config = inher_config
-        self._report = report
-        self.training = base_model.training  # the wrapper's own flag follows the model's; its modules keep theirs
+    `get_inher_model` and every loader (`InherModel.from_pretrained`, `AutoModelFor*.from_pretrained` after `import
+    inhernet_hf`) return one. It *is* the `PreTrainedModel` (`isinstance(model, LlamaForCausalLM)` holds), so HF
+    `Trainer`, TRL and `peft.get_peft_model` take it as any transformers model; `base_model` keeps transformers'
+    meaning (the backbone). Added: `inher_report` (the per-layer table), `inher_config`, PEFT's trainable-parameter
+    helpers, and a `save_pretrained` / `push_to_hub` that also write the tokenizer and a model card.
+    """
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
-
-    @property
-    def config(self):
-        return self.base_model.config
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+    inher_config: InherConfig
+    inher_report: InherReport
 
     def report(self) -> InherReport:
-        """Per-layer table: name, shape, rank, heads, params and energy kept; totals in the last row."""
-        return self._report
-
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+        """Deprecated: `model.inher_report`."""
+        warnings.warn("InherModel.report() is deprecated and will be removed in inhernet_hf 0.3; use "
+                      "model.inher_report.", FutureWarning, stacklevel=2)
+        return self.inher_report
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT's method of the same name."""
-        return self.num_parameters(only_trainable=True), self.num_parameters()
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -310,12 +299,10 @@ class InherModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        max_shard_size: int | str = "5GB",
+        *args,
         tokenizer=None,
         eval_results: Optional[dict[str, float]] = None,
         eval_dataset: Optional[str] = None,
-        is_main_process: bool = True,
         model_name: Optional[str] = None,
         **kwargs,
     ) -> None:
@@ -323,19 +310,21 @@ class InherModel(nn.Module):
         `max_shard_size`), the generation config, `tokenizer` (a tokenizer or processor) and a model card.
 
         `eval_results` ({metric: value} on `eval_dataset`) go into the card's metadata; `model_name` is the card's
-        title (default: the folder's name). Extra kwargs go to transformers' `save_pretrained`.
+        title (default: the folder's name). The other arguments are transformers' `save_pretrained`'s.
         """
-        if not safe_serialization:
+        if not isinstance(self, PreTrainedModel):
+            raise TypeError(f"save_pretrained needs a transformers PreTrainedModel; {type(self).__name__} is a plain "
+                            f"nn.Module: save its state_dict with safetensors.torch.save_file instead.")
+        if kwargs.get("safe_serialization") is False:
             raise ValueError("inhernet_hf saves safetensors only (safe_serialization=False would write a pickle).")
-        self.base_model.save_pretrained(save_directory, is_main_process=is_main_process,
-                                        max_shard_size=max_shard_size, **kwargs)
-        if not is_main_process:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
             return
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         description = self.config.quantization_config
         card = model_card(model_name or Path(save_directory).name, description.base_model_name_or_path,
-                          description.inher_config, self._report, eval_results, eval_dataset)
+                          description.inher_config, self.inher_report, eval_results, eval_dataset)
         card.save(Path(save_directory) / "README.md")
 
     def push_to_hub(
@@ -370,7 +359,7 @@ class InherModel(nn.Module):
         use_safetensors: bool = True,
         model_class: Optional[type] = None,
         **kwargs,
-    ) -> "InherModel":
+    ) -> PreTrainedModel:
         """Load an inherited model from a folder or the Hub (through huggingface_hub: cache, HF_HUB_OFFLINE,
         revisions and tokens apply). The skeleton is built on the meta device from config.json: no dense weight
         is allocated and no SVD recomputed. `model_class` defaults to the checkpoint's recorded architecture.
@@ -396,5 +385,28 @@ class InherModel(nn.Module):
         finally:
             ALLOW_PICKLE.reset(token_var)
             KEY_MAPPING.reset(mapping_var)
-        description = model.config.quantization_config
-        return cls(model, InherConfig.from_dict(description.inher_config), report_from_description(model, description))
+        return model
+
+
+_INHERITED_CLASSES: dict[type, type] = {}
+
+
+def make_inherited(model: nn.Module, config: InherConfig, report: InherReport) -> None:
+    """Make `model` an InherModel in place: its class becomes `InherModel` + its own class (made once per class, with
+    the same name and module; qualified name `InherModel[<class>]`), and it carries `inher_config` and `inher_report`."""
+    cls = type(model)
+    if not isinstance(model, InherModel):
+        if cls not in _INHERITED_CLASSES:
+            _INHERITED_CLASSES[cls] = type(cls.__name__, (InherModel, cls), {
+                "__module__": cls.__module__, "__qualname__": f"InherModel[{cls.__qualname__}]", "__doc__": cls.__doc__})
+        model.__class__ = _INHERITED_CLASSES[cls]
+    model.inher_config = config
+    model.inher_report = report
+
+
+def make_dense(model: nn.Module) -> None:
+    """Undo `make_inherited` (after `dequantize` replaced every inherited layer): the model's own class again."""
+    if isinstance(model, InherModel):
+        model.__class__ = type(model).__bases__[1]
+        for name in ("inher_config", "inher_report"):
+            model.__dict__.pop(name, None)

@@ -1,4 +1,4 @@
-"""Per-layer record of an inheritance and the table `InherModel.report()` prints."""
+"""Per-layer record of an inheritance and the table `model.inher_report` prints."""
 
 from __future__ import annotations
 

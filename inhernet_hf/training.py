@@ -78,7 +78,7 @@ def inherit_for_training(accelerator: Accelerator, model: nn.Module, inher_confi
     calibration = DataLoader(train_dataset, collate_fn=collate_fn, batch_size=args.per_device_train_batch_size)
     model = inherit_model(model, inher_config, calibration, args.inher_calibration_samples,
                           progressbar=accelerator.is_local_main_process)
-    accelerator.print(model.report())
+    accelerator.print(model.inher_report)
     return model
 
 

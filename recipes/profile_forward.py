@@ -123,7 +123,7 @@ def main() -> None:
     batch = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), device=args.device)
     results = {"dense": profile_forward(dense, batch, args.device, args.warmup, args.forwards)}
     for name, config in tqdm(configs.items(), desc="Variants"):
-        model = get_inher_model(copy.deepcopy(dense), config, progressbar=False).base_model.eval()
+        model = get_inher_model(copy.deepcopy(dense), config, progressbar=False).eval()
         results[name] = profile_forward(model, batch, args.device, args.warmup, args.forwards)
         del model
         gc.collect()

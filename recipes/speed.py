@@ -282,8 +282,8 @@ def main() -> None:
               for compiled in modes}
     for name, config in tqdm(configs.items(), desc="Variants"):  # one at a time in memory, next to dense
         inherited = get_inher_model(copy.deepcopy(dense), config, progressbar=False)
-        model = inherited.base_model.eval()
-        facts[name] = {"targeted_ratio": inherited.report().ratio, "params": sum(p.numel() for p in model.parameters()),
+        model = inherited.eval()
+        facts[name] = {"targeted_ratio": inherited.inher_report.ratio, "params": sum(p.numel() for p in model.parameters()),
                        "flop_bound": dense_flops / forward_flops(partial(model, input_ids=flop_batch))}
         for compiled in modes:
             runners = {"dense": dense_runners[compiled], name: compiled_or_not(model, compiled)}

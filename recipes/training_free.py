@@ -158,7 +158,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rows.append({"ratio": config.target_ratio, "init": config.init, "allocation": config.rank_allocation,
                      "ppl": perplexity(inherited, windows, args.batch_size),
-                     "realised_ratio": inherited.report().ratio, "compress_s": seconds})
+                     "realised_ratio": inherited.inher_report.ratio, "compress_s": seconds})
         print(rows[-1])
         if args.save_models:
             inherited.save_pretrained(Path(args.save_models) / f"{config.target_ratio}-{config.init}-"

@@ -91,7 +91,7 @@ def test_choices_are_typed_as_literals():
 
 def test_layers_to_transform_keeps_only_those_blocks(tiny_llama):
     inherited = get_inher_model(tiny_llama, InherConfig(r=4, layers_to_transform=1), progressbar=False)
-    names = [r.name for r in inherited.report().rows]
+    names = [r.name for r in inherited.inher_report.rows]
     assert len(names) == 7 and all(n.startswith("model.layers.1.") for n in names)
 
 
@@ -158,7 +158,7 @@ def test_nan_weight_names_the_module_and_leaves_model_untouched(tiny_llama):
 
 def test_already_inherited_model_is_refused(tiny_llama):
     inherited = get_inher_model(tiny_llama, InherConfig(r=4), progressbar=False)
-    for model in (inherited, inherited.base_model):
+    for model in (inherited, inherited.model):  # the InherModel, and a plain module holding InherLinear layers
         with pytest.raises(ValueError, match="already inherited"):
             get_inher_model(model, InherConfig(r=4), progressbar=False)
 
@@ -190,7 +190,7 @@ def test_a_tied_output_embedding_is_refused():
 
 def test_rank_multiple_applies_to_ratios_in_rank_pattern_next_to_r(tiny_llama):
     config = InherConfig(r=4, rank_multiple=8, rank_pattern={"down_proj": 0.6})  # allowed: the pattern has a ratio
-    ranks = {n: m.rank for n, m in get_inher_model(tiny_llama, config, progressbar=False).base_model.named_modules()
+    ranks = {n: m.rank for n, m in get_inher_model(tiny_llama, config, progressbar=False).named_modules()
              if isinstance(m, InherLinear)}
     assert ranks["model.layers.0.self_attn.q_proj"] == 4 and ranks["model.layers.0.mlp.down_proj"] % 8 == 0
 
@@ -199,7 +199,7 @@ def test_target_semantics_regex_list_exclude_and_rank_pattern(tiny_llama):
     config = InherConfig(r=4, target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj",
                          exclude_modules=["layers.1.self_attn.v_proj"], rank_pattern={r"layers\.1\..*": 2})
     inherited = get_inher_model(tiny_llama, config, progressbar=False)
-    names = {n: m.rank for n, m in inherited.base_model.named_modules() if isinstance(m, InherLinear)}
+    names = {n: m.rank for n, m in inherited.named_modules() if isinstance(m, InherLinear)}
     assert names == {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.v_proj": 4,
                      "model.layers.1.self_attn.q_proj": 2}
 
@@ -208,9 +208,9 @@ def test_layer_that_would_not_shrink_stays_dense_and_is_reported(tiny_llama):
     # rank 8, 2 heads: q_proj (32 x 32) holds 8*32 + 2*8*32 + gate 2*(8+1) = 786 < 1024 dense weights,
     # k_proj (16 x 32) holds 8*32 + 2*8*16 + 18 = 530 >= 512, so it stays dense.
     inherited = get_inher_model(tiny_llama, InherConfig(r=8, num_heads=2), progressbar=False)
-    rows = {r.name: r for r in inherited.report().rows}
+    rows = {r.name: r for r in inherited.inher_report.rows}
     kept = rows["model.layers.0.self_attn.k_proj"]
     assert kept.rank is None and "would hold" in kept.note and kept.params == kept.dense_params == 512
-    assert type(inherited.base_model.model.layers[0].self_attn.k_proj) is nn.Linear
-    assert isinstance(inherited.base_model.model.layers[0].self_attn.q_proj, InherLinear)
-    assert "dense (rank 8 would hold 530 >= 512" in str(inherited.report())
+    assert type(inherited.model.layers[0].self_attn.k_proj) is nn.Linear
+    assert isinstance(inherited.model.layers[0].self_attn.q_proj, InherLinear)
+    assert "dense (rank 8 would hold 530 >= 512" in str(inherited.inher_report)

@@ -56,13 +56,13 @@ def test_inherited_conv_models_are_their_rank_r_models_at_init(name):
     reference = copy.deepcopy(model)
     convs = _convs(model)
     inher = get_inher_model(model, InherConfig(target_ratio=0.5, num_heads=2), progressbar=False)
-    rows = inher.report().rows
+    rows = inher.inher_report.rows
     targeted = {r.name for r in rows}
     assert targeted >= {n for n, m in convs.items() if n.startswith(blocks) and m.groups == 1}
     assert all(n.startswith(blocks) for n in targeted)
-    assert stem in convs and type(inher.base_model.get_submodule(stem)) is nn.Conv2d
+    assert stem in convs and type(inher.get_submodule(stem)) is nn.Conv2d
     grouped = [n for n, m in convs.items() if m.groups > 1]
-    assert all(type(inher.base_model.get_submodule(n)) is nn.Conv2d for n in grouped)
+    assert all(type(inher.get_submodule(n)) is nn.Conv2d for n in grouped)
     with torch.no_grad():
         for row in rows:
             if row.inherited:
@@ -71,11 +71,11 @@ def test_inherited_conv_models_are_their_rank_r_models_at_init(name):
                 dense.weight.copy_(w_r.view_as(dense.weight))
         assert rel_err(inher(pixel_values=PIXELS).logits, reference(pixel_values=PIXELS).logits) < 1e-9
     for row in rows:  # parameter counts: the module's, the formula's and the report's agree
-        layer = inher.base_model.get_submodule(row.name)
+        layer = inher.get_submodule(row.name)
         if row.inherited and isinstance(layer, InherConv2d):
             assert layer.num_params() == row.params == inher_num_params(row.in_features, row.out_features, row.rank,
                                                                         2, row.bias)
-    assert inher.report().ratio <= 0.5
+    assert inher.inher_report.ratio <= 0.5
 
 
 def test_one_conv_layer_matches_the_rank_r_convolution_with_its_geometry():
@@ -118,7 +118,7 @@ def test_calibrated_inits_are_refused_for_convolutions():
 def test_save_load_and_dequantize_are_exact(tmp_path):
     inher = get_inher_model(_resnet(), InherConfig(target_ratio=0.5, num_heads=2), progressbar=False)
     with torch.no_grad():
-        for layer in (m for m in inher.base_model.modules() if isinstance(m, InherConv2d)):
+        for layer in (m for m in inher.modules() if isinstance(m, InherConv2d)):
             for param in layer.parameters():
                 param.add_(0.01 * torch.randn_like(param))
         logits = inher(pixel_values=PIXELS).logits
@@ -130,9 +130,9 @@ def test_save_load_and_dequantize_are_exact(tmp_path):
 
     one_head = get_inher_model(_resnet(), InherConfig(target_ratio=0.5, num_heads=1), progressbar=False)
     with torch.no_grad():
-        for layer in (m for m in one_head.base_model.modules() if isinstance(m, InherConv2d)):
+        for layer in (m for m in one_head.modules() if isinstance(m, InherConv2d)):
             layer.inher_up.weight.add_(0.01 * torch.randn_like(layer.inher_up.weight))
         expected = one_head(pixel_values=PIXELS).logits
-        dense = one_head.base_model.dequantize()
+        dense = one_head.dequantize()
         assert not any(isinstance(m, InherLinear) for m in dense.modules())
         assert rel_err(dense(pixel_values=PIXELS).logits, expected) < 1e-12

@@ -37,9 +37,9 @@ def _logits(model, ids=IDS):
 @pytest.mark.parametrize("heads, gate", [(1, "softmax"), (2, "none")])
 def test_dequantize_is_exact_and_saves_a_plain_dense_checkpoint(heads, gate, tmp_path):
     inherited = get_inher_model(tiny_llama(), InherConfig(r=6, num_heads=heads, gate=gate), progressbar=False)
-    _perturb(inherited.base_model)
+    _perturb(inherited)
     expected = _logits(inherited)
-    dense = inherited.base_model.dequantize()
+    dense = inherited.dequantize()
     assert not any(isinstance(m, InherLinear) for m in dense.modules())
     assert type(dense.model.layers[0].mlp.down_proj) is nn.Linear
     torch.testing.assert_close(_logits(dense), expected, rtol=1e-5, atol=1e-6)
@@ -60,7 +60,7 @@ def test_gpt2_conv1d_comes_back_as_conv1d(tmp_path):
     torch.manual_seed(0)
     model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32))
     inherited = get_inher_model(model, InherConfig(r=6, num_heads=1), progressbar=False)
-    _perturb(inherited.base_model)
+    _perturb(inherited)
     expected = _logits(inherited)
     inherited.save_pretrained(tmp_path / "inher")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "inher").dequantize()  # loaded, then densified
@@ -73,16 +73,16 @@ def test_gpt2_conv1d_comes_back_as_conv1d(tmp_path):
 
 def test_identical_heads_dequantize_but_trained_gated_heads_are_refused():
     inherited = get_inher_model(tiny_llama(), InherConfig(r=6, num_heads=2), progressbar=False)
-    fresh = copy.deepcopy(inherited.base_model)  # right after inheritance every head is the same U S^1/2
+    fresh = copy.deepcopy(inherited)  # right after inheritance every head is the same U S^1/2
     expected = _logits(fresh)
     torch.testing.assert_close(_logits(fresh.dequantize()), expected, rtol=1e-5, atol=1e-6)
 
-    _perturb(inherited.base_model)
-    before = {k: v.clone() for k, v in inherited.base_model.state_dict().items()}
+    _perturb(inherited)
+    before = {k: v.clone() for k, v in inherited.state_dict().items()}
     with pytest.raises(ValueError, match="Cannot dequantize exactly: 14 of 14 inherited layers.*mixes 2 different "
                                          "heads with a per-token softmax gate"):
-        inherited.base_model.dequantize()
-    after = inherited.base_model.state_dict()  # nothing replaced, the description kept
+        inherited.dequantize()
+    after = inherited.state_dict()  # nothing replaced, the description kept
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
     assert inherited.config.quantization_config is not None
 
@@ -98,7 +98,7 @@ def test_plan_equals_the_realised_report_and_changes_nothing(allocation):
     assert not any(isinstance(m, InherLinear) for m in model.modules())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert getattr(model, "hf_quantizer", None) is None
-    realised = get_inher_model(model, config, calibration_data=calibration, progressbar=False).report()
+    realised = get_inher_model(model, config, calibration_data=calibration, progressbar=False).inher_report
     keys = lambda rows: [(r.name, r.rank, r.num_heads, r.params, r.dense_params) for r in rows]
     assert keys(plan.rows) == keys(realised.rows) and len(plan.rows) == 14
     assert all(r.energy_kept is None for r in plan.rows) and all(r.energy_kept is not None for r in realised.rows if r.inherited)

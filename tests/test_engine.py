@@ -81,7 +81,7 @@ def test_calibration_on_a_cuda_model_with_cpu_batches_matches_the_cpu_run():
     batches = calibration()
     on_cpu = get_inher_model(engine_llama(), InherConfig(**config), calibration_data=batches, progressbar=False)
     on_cuda = get_inher_model(engine_llama().cuda(), InherConfig(**config), calibration_data=batches, progressbar=False)
-    assert [r.rank for r in on_cuda.report().rows] == [r.rank for r in on_cpu.report().rows]
+    assert [r.rank for r in on_cuda.inher_report.rows] == [r.rank for r in on_cpu.inher_report.rows]
     with torch.no_grad():
         expected = on_cpu(**batches[0], use_cache=False).logits
         logits = on_cuda(**{k: v.cuda() for k, v in batches[0].items()}, use_cache=False).logits.cpu()
@@ -98,7 +98,7 @@ def test_block_by_block_pipeline_is_optimal_for_the_inputs_each_layer_sees():
                                 progressbar=False)
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1])))
-             for n, m in inherited.base_model.named_modules() if isinstance(m, InherLinear)]
+             for n, m in inherited.named_modules() if isinstance(m, InherLinear)]
     with torch.no_grad():
         for batch in batches:
             inherited(**batch, use_cache=False)
@@ -110,7 +110,7 @@ def test_block_by_block_pipeline_is_optimal_for_the_inputs_each_layer_sees():
         gram = x.double().T @ x.double()
         weight = dense.get_submodule(name).weight
         minimum = spectrum(weight, gram)[8:].square().sum().item()
-        layer = inherited.base_model.get_submodule(name)
+        layer = inherited.get_submodule(name)
         err = (x.double() @ weight.double().T - layer(x).double()).square().sum().item()
         assert err == pytest.approx(minimum, rel=1e-3), name
 
@@ -152,7 +152,7 @@ def test_calibration_runs_without_dropout_and_restores_the_mode():
         assert torch.equal(a, b), name
     assert inherited[True].training and not inherited[False].training
     for mode, model in inherited.items():
-        modes = {name: m.training for name, m in model.base_model.named_modules()}
+        modes = {name: m.training for name, m in model.named_modules()}
         assert not any(v for k, v in modes.items() if k.startswith("bert.embeddings"))
         assert all(v == mode for k, v in modes.items() if k.startswith("bert.encoder"))  # InherLinear parts included
 
@@ -251,9 +251,9 @@ def test_allocation_meets_budget_with_min_rank_multiple_and_pattern(allocation):
                          rank_pattern={r"layers\.0\.mlp\.down_proj": 20})
     inherited = get_inher_model(model, config, calibration_data=calibration() if allocation == "activation" else None,
                                 progressbar=False)
-    report = inherited.report()
+    report = inherited.inher_report
     assert abs(report.ratio - 0.5) <= 0.01, report.ratio
-    measured = sum(p.numel() for r in report.rows for p in inherited.base_model.get_submodule(r.name).parameters())
+    measured = sum(p.numel() for r in report.rows for p in inherited.get_submodule(r.name).parameters())
     assert measured == report.params
     ranks = {r.name: r.rank for r in report.rows}
     assert ranks.pop("model.layers.0.mlp.down_proj") == 20  # rank_pattern stays exact
@@ -283,7 +283,7 @@ def test_uniform_ranks_never_exceed_the_ratio(ratio, heads, nearest, fitted):
     held_nearest = sum(inher_num_params(i, o, nearest[n], heads, False) for n, (o, i) in shapes.items())
     assert held_nearest / dense > ratio  # the case is real: nearest rounding overshoots
     report = get_inher_model(model, InherConfig(target_ratio=ratio, num_heads=heads, rank_multiple=16, init="random"),
-                             progressbar=False).report()
+                             progressbar=False).inher_report
     assert {r.name.split(".")[-1]: r.rank for r in report.rows} == {**nearest, **fitted}
     held = sum(inher_num_params(i, o, {**nearest, **fitted}[n], heads, False) for n, (o, i) in shapes.items())
     assert report.params == held and report.ratio == held / dense <= ratio
@@ -295,7 +295,7 @@ def test_activation_allocation_differs_from_energy():
     ranks = {}
     for allocation, config in configs.items():
         report = get_inher_model(engine_llama(), config, progressbar=False,
-                                 calibration_data=calibration() if allocation == "activation" else None).report()
+                                 calibration_data=calibration() if allocation == "activation" else None).inher_report
         ranks[allocation] = [r.rank for r in report.rows]
     assert ranks["energy"] != ranks["activation"]
 
@@ -642,7 +642,7 @@ def test_activation_ranks_reach_the_vision_tower_and_run_under_no_grad():
     with torch.no_grad():
         inherited = get_inher_model(model, InherConfig(target_ratio=0.5, rank_allocation="activation"),
                                     calibration_data=batches, progressbar=False)
-    assert inherited.report().ratio <= 0.5
+    assert inherited.inher_report.ratio <= 0.5
 
 
 def test_targets_reading_one_input_share_one_gram():

@@ -134,7 +134,7 @@ def test_conv1d_teacher_is_transposed():
     inherited = get_inher_model(model, InherConfig(r=8, num_heads=2, target_modules=["c_fc"]), progressbar=False)
     x = torch.randn(2, 3, 24)
     expected = x.double() @ rank_r_reference(weight_t, 8).T + bias.double()
-    assert isinstance(inherited.base_model.c_fc, InherLinear)
+    assert isinstance(inherited.c_fc, InherLinear)
     assert rel_err(inherited(x), expected) < 1e-5
 
 

@@ -33,7 +33,7 @@ def inherited_lm(tmp_path_factory):
     model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=64).eval()
     model = get_inher_model(model, InherConfig(r=8, num_heads=2), progressbar=False)
     with torch.no_grad():
-        model.base_model.lm_head.weight.mul_(50)
+        model.lm_head.weight.mul_(50)
     out = tmp_path_factory.mktemp("lm_eval")
     model.save_pretrained(out / "lm", tokenizer=tokenizer)
     docs = out / "docs.jsonl"

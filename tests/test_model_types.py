@@ -280,7 +280,7 @@ def _inherit(model_type: str):
     linears = _dense_linears(model)
     expected = _expected_targets(case, linears)
     inher = get_inher_model(model, InherConfig(target_ratio=0.5, num_heads=2), progressbar=False)
-    assert inher.base_model is model
+    assert inher is model
     return inher, linears, expected
 
 
@@ -300,7 +300,7 @@ def test_default_targets(model_type):
         assert name in linears, f"{name} is not a Linear of the tiny {model_type} model"
 
     inher, linears, expected = _inherit(model_type)
-    base = inher.base_model
+    base = inher
     layers = _inher_layers(base)
     # 1. exactly the default-target projections became InherLinear, of the same shape, all inherited
     assert set(layers) == expected
@@ -309,7 +309,7 @@ def test_default_targets(model_type):
         dense = linears[name]
         out_f, in_f = (dense.weight.T if isinstance(dense, Conv1D) else dense.weight).shape
         assert (layer.out_features, layer.in_features) == (out_f, in_f), name
-    rows = inher.report().rows
+    rows = inher.inher_report.rows
     assert {r.name for r in rows} == expected
     assert all(r.rank is not None for r in rows), [r.name for r in rows if r.rank is None]
     for tower in case.towers:
@@ -339,7 +339,7 @@ def test_inferred_defaults_start_at_the_rank_r_model(model_type):
     model = _build(model_type).double().eval()
     reference = copy.deepcopy(model)
     inher = get_inher_model(model, InherConfig(target_ratio=0.5, num_heads=2), progressbar=False)
-    rows = inher.report().rows
+    rows = inher.inher_report.rows
     assert rows and all(r.inherited for r in rows)
     torch.manual_seed(1)
     inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
@@ -381,7 +381,7 @@ def test_an_architecture_nobody_listed_gets_its_block_projections(caplog):
 @pytest.mark.parametrize("model_type", list(CASES))
 def test_forward_backward_reaches_every_inher_parameter(model_type):
     inher, _, _ = _inherit(model_type)
-    layers = _inher_layers(inher.base_model)
+    layers = _inher_layers(inher)
     params = {f"{ln}.{pn}": p for ln, layer in layers.items() for pn, p in layer.named_parameters()}
     kinds = {pn for layer in layers.values() for pn, _ in layer.named_parameters()}
     assert kinds >= {"inher_down.weight", "inher_up.weight", "inher_gate.weight", "inher_gate.bias"}, kinds
@@ -394,7 +394,7 @@ def test_forward_backward_reaches_every_inher_parameter(model_type):
 
     def backward() -> dict[str, torch.Tensor]:
         inher.zero_grad(set_to_none=True)
-        loss = _loss(inher(**inputs))  # through InherModel.forward
+        loss = _loss(inher(**inputs))
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
         missing = [k for k, p in params.items() if p.grad is None]
@@ -429,15 +429,17 @@ def test_save_and_reload_with_both_loaders(model_type, tmp_path):
     the loaded head biases alone. Both loaders give back every tensor exactly, and the same outputs."""
     inher, _, _ = _inherit(model_type)
     with torch.no_grad():  # weights away from the SVD init, so a re-initialised tensor cannot go unnoticed
-        for layer in _inher_layers(inher.base_model).values():
+        for layer in _inher_layers(inher).values():
             for param in layer.parameters():
                 param.add_(torch.randn_like(param))
     inher.save_pretrained(tmp_path)
-    expected = inher.base_model.state_dict()
+    expected = inher.state_dict()
     inputs = CASES[model_type].inputs()
     with torch.no_grad():
         reference = _loss(inher.eval()(**inputs))
-    for loaded in (InherModel.from_pretrained(tmp_path).base_model, type(inher.base_model).from_pretrained(tmp_path)):
+    transformers_class = type(inher).__bases__[1]  # the model's own class, under the InherModel mixin
+    for loaded in (InherModel.from_pretrained(tmp_path), transformers_class.from_pretrained(tmp_path)):
+        assert isinstance(loaded, InherModel) and isinstance(loaded, transformers_class)
         state = loaded.state_dict()
         assert set(state) == set(expected)
         assert all(torch.equal(state[k], v) for k, v in expected.items()), model_type
@@ -464,7 +466,7 @@ def test_all_linear_llava_keeps_projector_and_lm_head_dense():
     linears = _dense_linears(model)
     inher = get_inher_model(model, InherConfig(target_ratio=0.5, num_heads=2, target_modules="all-linear"),
                             progressbar=False)
-    base = inher.base_model
+    base = inher
     for name in ("lm_head", "model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"):
         assert type(base.get_submodule(name)) is nn.Linear, name
     layers = _inher_layers(base)
@@ -481,6 +483,6 @@ def test_all_linear_keeps_every_layer_of_a_classification_head_dense(task_type):
     linears = _dense_linears(model)
     inher = get_inher_model(model, InherConfig(r=4, num_heads=2, target_modules="all-linear", task_type=task_type),
                             progressbar=False)
-    layers = _inher_layers(inher.base_model)
+    layers = _inher_layers(inher)
     assert {"classifier.dense", "classifier.out_proj"} <= set(linears)
     assert set(layers) == {n for n in linears if not n.startswith("classifier.")}

@@ -27,13 +27,13 @@ def inherit_and_compare(model, config, batch, expected_targets):
     model.eval()
     reference = copy.deepcopy(model)
     inherited = get_inher_model(model, config, progressbar=False)
-    rows = inherited.report().rows
+    rows = inherited.inher_report.rows
     assert [r.name for r in rows] == expected_targets
     assert all(r.inherited for r in rows), [r.name for r in rows if not r.inherited]
 
     captured = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, name=n: captured.__setitem__(name, (args[0], out)))
-             for n, m in inherited.base_model.named_modules() if isinstance(m, InherLinear)]
+             for n, m in inherited.named_modules() if isinstance(m, InherLinear)]
     with torch.no_grad():
         logits = inherited(**batch).logits
     for hook in hooks:
@@ -65,8 +65,8 @@ def targeted_ratio(model, config, targets):
                  if model.get_submodule(n).bias is not None else model.get_submodule(n).weight.numel()
                  for n in targets)
     inherited = get_inher_model(model, config, progressbar=False)
-    after = sum(p.numel() for n in targets for p in inherited.base_model.get_submodule(n).parameters())
-    return after / before, after, before, inherited.report()
+    after = sum(p.numel() for n in targets for p in inherited.get_submodule(n).parameters())
+    return after / before, after, before, inherited.inher_report
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_minilm_init_is_rank_r_teacher(minilm, heads):
     assert len(targets) == 6 * 6  # q, k, v, attention out, intermediate, output in each of 6 layers
     config = InherConfig(target_ratio=0.5, num_heads=heads, task_type="SEQ_CLS")
     inherited = inherit_and_compare(model, config, batch, targets)
-    assert type(inherited.base_model.classifier) is nn.Linear and inherited.base_model.classifier.weight.requires_grad
-    assert type(inherited.base_model.bert.pooler.dense) is nn.Linear
+    assert type(inherited.classifier) is nn.Linear and inherited.classifier.weight.requires_grad
+    assert type(inherited.bert.pooler.dense) is nn.Linear
 
 
 def test_minilm_target_ratio_is_kept(minilm):
@@ -112,8 +112,8 @@ def test_smollm2_init_is_rank_r_teacher_and_ratio(smollm2):
     assert len(targets) == 30 * 7  # q, k, v, o, gate, up, down in each of 30 layers
     fresh = copy.deepcopy(model)
     inherited = inherit_and_compare(model, InherConfig(target_ratio=0.5, num_heads=2), batch, targets)
-    assert type(inherited.base_model.lm_head) is nn.Linear
-    k_rank = {r.rank for r in inherited.report().rows if r.name.endswith("k_proj")}
+    assert type(inherited.lm_head) is nn.Linear
+    k_rank = {r.rank for r in inherited.inher_report.rows if r.name.endswith("k_proj")}
     assert len(k_rank) == 1  # one rank per layer shape
     ratio, after, before, report = targeted_ratio(fresh, InherConfig(target_ratio=0.5, num_heads=2), targets)
     assert 0.49 <= ratio <= 0.51, ratio
@@ -140,12 +140,12 @@ def test_minilm_round_trip_after_training(minilm, tmp_path):
                                 progressbar=False)
     inherited.train()
     optimizer = torch.optim.AdamW(inherited.parameters(), lr=1e-3)
-    before = inherited.base_model.bert.encoder.layer[0].attention.self.query.inher_up.weight.clone()
+    before = inherited.bert.encoder.layer[0].attention.self.query.inher_up.weight.clone()
     for _ in range(3):
         inherited(**batch, labels=torch.tensor([0, 1])).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert not torch.equal(before, inherited.base_model.bert.encoder.layer[0].attention.self.query.inher_up.weight)
+    assert not torch.equal(before, inherited.bert.encoder.layer[0].attention.self.query.inher_up.weight)
     assert_round_trip(inherited, AutoModelForSequenceClassification, batch, tmp_path / "minilm")
 
 

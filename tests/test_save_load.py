@@ -52,7 +52,7 @@ def test_folder_layout_and_both_load_paths(saved):
         assert isinstance(loaded.get_submodule("model.layers.1.mlp.down_proj"), InherLinear)
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=IDS).logits, logits)
-    assert str(InherModel.from_pretrained(folder).report()) == str(tiny_inherited().report())
+    assert str(InherModel.from_pretrained(folder).inher_report) == str(tiny_inherited().inher_report)
 
 
 @pytest.mark.parametrize("options", [{"structure": "symmetric"}, {"gate_input": "input", "num_heads": 3},
@@ -82,7 +82,7 @@ def test_checkpoint_loads_into_base_model_and_under_a_head(tmp_path):
     model = tiny_inherited(target_modules=["q_proj", "down_proj", "lm_head"]).eval()
     model.save_pretrained(tmp_path / "lm")
     with torch.no_grad():
-        hidden = model.base_model.model(input_ids=IDS).last_hidden_state
+        hidden = model.model(input_ids=IDS).last_hidden_state
     base = AutoModel.from_pretrained(tmp_path / "lm").eval()
     names = [spec["name"] for spec in base.config.quantization_config.layers]
     assert names[:2] == ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj"] and "lm_head" not in names
@@ -110,7 +110,7 @@ def test_a_layer_the_loading_class_lacks_is_left_out(tmp_path, caplog):
     torch.manual_seed(0)
     model = get_inher_model(BertForSequenceClassification(config).eval(),
                             InherConfig(r=4, target_modules=["query", "dense"]), progressbar=False)
-    assert isinstance(model.base_model.bert.pooler.dense, InherLinear)
+    assert isinstance(model.bert.pooler.dense, InherLinear)
     model.save_pretrained(tmp_path)
     with caplog.at_level("WARNING", logger="inhernet_hf.model"):
         masked = BertForMaskedLM.from_pretrained(tmp_path).eval()
@@ -119,7 +119,7 @@ def test_a_layer_the_loading_class_lacks_is_left_out(tmp_path, caplog):
     ids = torch.tensor([[2, 5, 7, 9]])
     with torch.no_grad():
         assert torch.equal(masked.bert(input_ids=ids).last_hidden_state,
-                           model.base_model.bert(input_ids=ids).last_hidden_state)
+                           model.bert(input_ids=ids).last_hidden_state)
 
 
 def test_key_mapping_reaches_the_checkpoint_check(saved, tmp_path):
@@ -368,7 +368,7 @@ def test_hub_id_resolves_offline_from_a_standard_cache(saved, tmp_path):
     out = run_python(f"""
         from inhernet_hf import InherModel
         model = InherModel.from_pretrained("inher-org/tiny-llama", cache_dir="{tmp_path / 'hub'}")
-        print("ok", type(model.base_model).__name__)
+        print("ok", type(model).__name__)
         """, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")})
     assert out.startswith("ok LlamaForCausalLM")
 
