@@ -316,19 +316,30 @@ class _GramHooks:
     (q/k/v, gate/up) share one product per batch, and with `share` (each target called once per pass, on the input
     of the group's first) one sum: the same tensor in `grams`. Padding rows are dropped when a mask is set, unless
     `keeps_padding(name, x)` says the mask does not describe that input. With `stop_after`, the hook of that target
-    ends the forward pass once its statistics are taken."""
+    ends the forward pass once its statistics are taken. With `rows_per_batch`, up to that many input rows of each
+    batch (drawn without replacement, seeded by the batch's index) are kept too, in `samples` (float32)."""
 
     def __init__(self, modules: dict[str, nn.Module], stop_after: Optional[str] = None,
-                 keeps_padding: Optional[Callable[[str, torch.Tensor], bool]] = None, share: bool = False) -> None:
+                 keeps_padding: Optional[Callable[[str, torch.Tensor], bool]] = None, share: bool = False,
+                 rows_per_batch: int = 0) -> None:
         self.grams: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
         self.share = share
         self.mask: Optional[torch.Tensor] = None
         self.keeps_padding = keeps_padding
+        self.rows_per_batch = rows_per_batch
+        self._batch = -1
         self._products: dict = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n, n == stop_after)) for n, m in modules.items()]
 
     def new_batch(self, mask: Optional[torch.Tensor]) -> None:
-        self.mask, self._products = mask, {}
+        self.mask, self._products, self._batch = mask, {}, self._batch + 1
+
+    def _sample(self, flat: torch.Tensor) -> torch.Tensor:
+        if flat.shape[0] <= self.rows_per_batch:
+            return flat.clone()
+        generator = torch.Generator().manual_seed(self._batch)
+        return flat[torch.randperm(flat.shape[0], generator=generator)[:self.rows_per_batch].to(flat.device)]
 
     def _hook(self, name: str, stop: bool):
         def hook(_module, args):
@@ -341,14 +352,20 @@ class _GramHooks:
                 if mask is not None and flat.shape[0] == mask.numel():
                     flat = flat[mask.to(flat.device)]
                 flat = flat.float()
-                self._products[key] = (x, (flat.T @ flat).double(), name)  # float32 product per batch, float64 sum
-            _, product, first = self._products[key]
+                sample = self._sample(flat) if self.rows_per_batch else None
+                # float32 product per batch, float64 sum
+                self._products[key] = (x, (flat.T @ flat).double(), name, sample)
+            _, product, first, sample = self._products[key]
             if self.share and first != name:  # the same input as an earlier target (q/k/v, gate/up): one sum
                 self.grams[name] = self.grams[first]
+                self.samples[name] = self.samples.get(first, [])
             elif name in self.grams:
                 self.grams[name].add_(product)
+                if sample is not None:
+                    self.samples[name].append(sample)
             else:
                 self.grams[name] = product.clone()
+                self.samples[name] = [] if sample is None else [sample]
             if stop:
                 raise _StopForward
         return hook
@@ -399,10 +416,26 @@ def _run_until_stopped(block: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc: str = "Calibrating",
                 progressbar: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {target: X^T X} one group of targets at a time, in execution order. After each yield the caller may
-    replace the group's layers; later groups and blocks then see inputs computed through the replacements. Without a
-    list of blocks, or when a block runs more than once per forward (weights shared across depth), all targets'
-    statistics come from one pass over the whole model, every call of a shared layer summed."""
+    """Yield {target: X^T X} one group of targets at a time, in execution order (`block_statistics` without
+    samples)."""
+    for grams, _ in block_statistics(model, targets, batches, desc, progressbar):
+        yield grams
+
+
+def block_statistics(model: nn.Module, targets: list[str], batches: list[dict], desc: str = "Calibrating",
+                     progressbar: bool = True, token_samples: int = 0
+                     ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Yield ({target: X^T X}, {target: sampled input rows (n, in), float32}) one group of targets at a time, in
+    execution order; about `token_samples` rows per target, spread evenly over the batches (none when 0). After each
+    yield the caller may replace the group's layers; later groups and blocks then see inputs computed through the
+    replacements. Without a list of blocks, or when a block runs more than once per forward (weights shared across
+    depth), all targets' statistics come from one pass over the whole model, every call of a shared layer summed."""
+    rows_per_batch = -(-token_samples // len(batches)) if token_samples else 0
+
+    def statistics(hooks: _GramHooks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        samples = {n: torch.cat(rows)[:token_samples] for n, rows in hooks.samples.items() if rows}
+        return hooks.grams, samples
+
     blocks = find_blocks(model, targets)
     with torch.no_grad():
         off_text = _off_text_targets(model, targets, batches)
@@ -411,7 +444,8 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
         if blocks is None:  # one pass over the whole model, every target's statistics at once
             decoder_rule, handles = _encoder_decoder_padding_rule(model)
             hooks = _GramHooks({t: model.get_submodule(t) for t in targets}, keeps_padding=lambda name, x: (
-                name in off_text or (decoder_rule is not None and decoder_rule(name, x))))
+                name in off_text or (decoder_rule is not None and decoder_rule(name, x))),
+                rows_per_batch=rows_per_batch)
             try:
                 for batch in tqdm(batches, desc=f"{desc} (whole model)", disable=not progressbar):
                     hooks.new_batch(_flat_mask(batch))
@@ -421,7 +455,7 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
                 for handle in handles:
                     handle.remove()
             _check_all_ran(targets, hooks.grams)
-            yield hooks.grams
+            yield statistics(hooks)
             return
         # `inputs` alone holds the hidden states: each block's advance frees the previous ones
         inputs, later_calls = _capture_block_calls(model, [block for _, block, _ in blocks], batches)
@@ -431,14 +465,14 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
             for group in groups:
                 # a group is the targets that read one input tensor (_execution_groups), each once: one sum
                 hooks = _GramHooks({t: model.get_submodule(t) for t in group}, stop_after=group[-1], share=True,
-                                   keeps_padding=lambda name, _x: name in off_text)
+                                   keeps_padding=lambda name, _x: name in off_text, rows_per_batch=rows_per_batch)
                 try:
                     for (args, kwargs), mask in zip(inputs, masks):
                         hooks.new_batch(mask)
                         _run_until_stopped(block, args, kwargs)
                 finally:
                     hooks.remove()
-                yield hooks.grams
+                yield statistics(hooks)
             if index + 1 < len(blocks):  # later_calls[b][index]: the arguments of block index + 1
                 inputs = [_advance(block, args, kwargs, later[index])
                           for (args, kwargs), later in zip(inputs, later_calls)]

@@ -16,7 +16,7 @@ from peft import TaskType
 
 Init = Literal["svd", "svd_lowrank", "whitened", "random"]
 RankAllocation = Literal["uniform", "energy", "activation"]
-HeadInit = Literal["balanced", "paper", "demo"]
+HeadInit = Literal["balanced", "paper", "demo", "fitted"]
 Gate = Literal["softmax", "none"]
 GateInput = Literal["latent", "input"]
 Structure = Literal["asymmetric", "symmetric"]
@@ -174,8 +174,15 @@ class InherConfig:
         default="balanced",
         metadata={
             "help": "'balanced': W_d = S^1/2 V^T, every head U S^1/2, so the layer computes W_r x + b at init; "
-            "'paper' (heads scaled by 1/M) and 'demo' (W_d = V^T, heads U S / M) give W_r x / M + b."
+            "'paper' (heads scaled by 1/M) and 'demo' (W_d = V^T, heads U S / M) give W_r x / M + b; 'fitted' "
+            "(init='whitened' only): the balanced start, then the gate and the M heads fitted to the dense layer's "
+            "outputs on `head_fit_tokens` calibration tokens, never worse there than identical heads (= 'balanced' "
+            "when M = 1)."
         },
+    )
+    head_fit_tokens: int = field(
+        default=4096,
+        metadata={"help": "For head_init='fitted': calibration tokens (input rows) per layer the heads are fitted on."},
     )
     gate: Gate = field(
         default="softmax", metadata={"help": "'softmax' per-token gate, or 'none' (plain mean of the heads)."}
@@ -226,9 +233,20 @@ class InherConfig:
                 or not math.isfinite(self.calibration_damping) or self.calibration_damping < 0):
             raise ValueError(f"InherConfig.calibration_damping={self.calibration_damping!r} must be a float >= 0.")
         _check_choice("head_init", self.head_init, HEAD_INIT_CHOICES)
+        if (isinstance(self.head_fit_tokens, bool) or not isinstance(self.head_fit_tokens, int)
+                or self.head_fit_tokens < 1):
+            raise ValueError(f"InherConfig.head_fit_tokens={self.head_fit_tokens!r} must be an int >= 1.")
         _check_choice("gate", self.gate, GATE_CHOICES)
         _check_choice("gate_input", self.gate_input, GATE_INPUT_CHOICES)
         _check_choice("structure", self.structure, STRUCTURE_CHOICES)
+        if self.head_init == "fitted":
+            unfit = {k: getattr(self, k) for k, v in (("init", "whitened"), ("gate", "softmax"),
+                                                      ("gate_input", "latent"), ("structure", "asymmetric"))
+                     if getattr(self, k) != v}
+            if unfit:
+                raise ValueError(f"InherConfig(head_init='fitted') fits a softmax gate on the latent of a shared "
+                                 f"whitened down-projection: it needs init='whitened', gate='softmax', gate_input="
+                                 f"'latent' and structure='asymmetric'; got {unfit}.")
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if self.task_type is not None:

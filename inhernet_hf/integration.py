@@ -54,7 +54,8 @@ class InherQuantizationConfig(QuantizationConfigMixin):
     Args:
         inher_config: `InherConfig.to_dict()` of the run that produced the model.
         layers: every targeted module, in model order (a list: config.json is written with sorted keys):
-            {"name": str, "rank": int or None (kept dense), "num_heads": int, "energy_kept": float or None, "note": str}.
+            {"name": str, "rank": int or None (kept dense), "num_heads": int, "energy_kept": float or None,
+            "note": str}, plus "fit_error": float for layers whose heads were fitted (head_init="fitted").
         base_model_name_or_path: the teacher the model inherited from (Hub id or path), for the model card.
         format_version: layout version of this description; a newer one than this library knows is refused.
         library_version: `inhernet_hf.__version__` that wrote it.

@@ -20,6 +20,7 @@ from torch import nn
 from .config import (GATE_CHOICES, GATE_INPUT_CHOICES, HEAD_INIT_CHOICES, INIT_CHOICES, STRUCTURE_CHOICES,
                      _check_choice)
 from .factor import truncated_svd, whitened_svd
+from .heads import FittedHeads, fit_gated_heads
 
 
 def inher_num_params(
@@ -156,6 +157,23 @@ class InherLinear(nn.Module):
         return energy
 
     @torch.no_grad()
+    def fit_heads_(self, weight: torch.Tensor, inputs: torch.Tensor) -> FittedHeads:
+        """head_init="fitted": with this (balanced, identical-heads) layer's down-projection fixed, fit the gate and
+        the heads to `weight` (out, in) on `inputs` (N, in), calibration rows of the layer's input (heads.py). The
+        teacher bias stays in every head. Returns the fit, its objective <= the identical heads'."""
+        if self.structure != "asymmetric" or self.gate != "softmax" or self.gate_input != "latent":
+            raise ValueError("fit_heads_ needs structure='asymmetric', gate='softmax' and gate_input='latent'.")
+        m, r = self.num_heads, self.rank
+        down = self.inher_down.weight.reshape(r, -1)
+        fit = fit_gated_heads(inputs.to(down.device), weight.to(down.device), down,
+                              self.inher_up.weight[:, :r], m)
+        if m > 1:
+            self.inher_gate.weight.copy_(fit.gate_weight)
+            self.inher_gate.bias.copy_(fit.gate_bias)
+            self.inher_up.weight.copy_(fit.heads.permute(1, 0, 2).reshape(self.out_features, m * r))
+        return fit
+
+    @torch.no_grad()
     def set_factors_(
         self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, bias: Optional[torch.Tensor], head_init: str
     ) -> None:
@@ -163,7 +181,7 @@ class InherLinear(nn.Module):
         and every head, split as `head_init` says, and copy the teacher's bias into every head."""
         _check_choice("head_init", head_init, HEAD_INIT_CHOICES, "InherLinear.set_factors_")
         m = self.num_heads
-        if head_init == "balanced":
+        if head_init in ("balanced", "fitted"):  # "fitted" starts balanced; `fit_heads_` fits gate and heads after
             down, head = s.sqrt()[:, None] * vh, u * s.sqrt()
         elif head_init == "paper":
             down, head = s.sqrt()[:, None] * vh, u * s.sqrt() / m

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .budget import allocate_ranks, fit_uniform_ranks, pattern_matches, plan_layer
-from .calibration import block_grams, output_sensitivity, prepare_calibration
+from .calibration import block_grams, block_statistics, output_sensitivity, prepare_calibration
 from .card import model_card
 from .config import InherConfig
 from .factor import spectrum
@@ -87,10 +87,12 @@ def get_inher_model(
     try:
         by_name = {r.name: r for r in records}
         if config.init == "whitened":
-            for grams in block_grams(model, targets, batches, desc="Inheriting blocks (whitened)",
-                                     progressbar=progressbar):
+            fitting = config.head_init == "fitted" and any(r.num_heads > 1 for r in records)
+            for grams, samples in block_statistics(model, targets, batches, desc="Inheriting blocks (whitened)",
+                                                   progressbar=progressbar,
+                                                   token_samples=config.head_fit_tokens if fitting else 0):
                 for name, gram in grams.items():
-                    _inherit_one(model, by_name[name], modules.pop(name), config, gram)
+                    _inherit_one(model, by_name[name], modules.pop(name), config, gram, samples.get(name))
         else:
             for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
                 _inherit_one(model, record, modules.pop(record.name), config)
@@ -207,13 +209,18 @@ def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
 
 
 def _inherit_one(model: nn.Module, record: LayerRecord, dense: nn.Module, config: InherConfig,
-                 gram: Optional[torch.Tensor] = None) -> None:
-    """Factor one dense layer into an InherLinear and swap it in; the dense module is dropped here."""
+                 gram: Optional[torch.Tensor] = None, inputs: Optional[torch.Tensor] = None) -> None:
+    """Factor one dense layer into an InherLinear (fitting its heads on `inputs`, rows of the layer's calibration
+    input, for head_init="fitted") and swap it in; the dense module is dropped here."""
     if not record.inherited:
         return
     layer = new_layer(dense, record.rank, record.num_heads, config)
-    record.energy_kept = layer.inherit_(dense_weight(dense), dense.bias, config.init, config.head_init,
+    weight = dense_weight(dense)
+    record.energy_kept = layer.inherit_(weight, dense.bias, config.init, config.head_init,
                                         config.svd_niter, gram, config.calibration_damping)
+    if config.head_init == "fitted" and record.num_heads > 1:
+        fit = layer.fit_heads_(weight, inputs)
+        record.fit_error = fit.objective / fit.start if fit.start > 0 else 1.0
     replace_module(model, record.name, layer)
 
 
@@ -258,8 +265,8 @@ def attach_description(model: PreTrainedModel, config: InherConfig, report: Inhe
     `from_pretrained` leaves a loaded model: plain `save_pretrained` / `push_to_hub` then round-trip."""
     from . import __version__
 
-    layers = [{"name": r.name, "rank": r.rank, "num_heads": r.num_heads, "energy_kept": r.energy_kept, "note": r.note}
-              for r in report.rows]
+    layers = [{"name": r.name, "rank": r.rank, "num_heads": r.num_heads, "energy_kept": r.energy_kept, "note": r.note,
+               **({} if r.fit_error is None else {"fit_error": r.fit_error})} for r in report.rows]
     description = InherQuantizationConfig(config.to_dict(), layers, model.config.name_or_path or None,
                                           library_version=__version__)
     model.hf_quantizer = InherHfQuantizer(description, pre_quantized=True)

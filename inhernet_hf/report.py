@@ -25,6 +25,7 @@ class LayerRecord:
     params: int
     energy_kept: Optional[float] = None
     note: str = ""
+    fit_error: Optional[float] = None  # head_init="fitted": calibration output error / identical heads' (<= 1)
 
     @property
     def inherited(self) -> bool:
@@ -56,16 +57,20 @@ class InherReport:
                 "params": self.params, "ratio": self.ratio}
 
     def __str__(self) -> str:
+        fitted = any(r.fit_error is not None for r in self.rows)
         header = ("layer", "shape (out x in)", "rank", "heads", "dense params", "params", "energy kept")
+        header += ("fit error",) if fitted else ()
         lines = [header]
         for r in self.rows:
             energy = "-" if r.energy_kept is None else f"{r.energy_kept:.4f}"
             rank = str(r.rank) if r.inherited else f"dense ({r.note})"
+            fit = ("-" if r.fit_error is None else f"{r.fit_error:.4f}",) if fitted else ()
             lines.append((r.name, f"{r.out_features} x {r.in_features}", rank,
-                          str(r.num_heads if r.inherited else "-"), f"{r.dense_params:,}", f"{r.params:,}", energy))
+                          str(r.num_heads if r.inherited else "-"), f"{r.dense_params:,}", f"{r.params:,}", energy,
+                          *fit))
         n_inh = sum(r.inherited for r in self.rows)
         lines.append((f"total ({n_inh} inherited, {len(self.rows) - n_inh} kept dense)", "", "", "",
-                      f"{self.dense_params:,}", f"{self.params:,}", f"ratio {self.ratio:.4f}"))
+                      f"{self.dense_params:,}", f"{self.params:,}", f"ratio {self.ratio:.4f}", *("",) * fitted))
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         fmt = lambda row: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         rule = "-+-".join("-" * w for w in widths)

@@ -146,6 +146,7 @@ def report_from_description(model: nn.Module, description: InherQuantizationConf
             params = sum(p.numel() for p in module.parameters())
         dense = dense_param_count(in_f, out_f, bias)
         rows.append(LayerRecord(name, in_f, out_f, bias, spec["rank"], spec["num_heads"], dense,
-                                params if spec["rank"] is not None else dense, spec["energy_kept"], spec["note"]))
+                                params if spec["rank"] is not None else dense, spec["energy_kept"], spec["note"],
+                                spec.get("fit_error")))
     return InherReport(rows)
 

