@@ -41,17 +41,16 @@ def fit_gated_heads(inputs: torch.Tensor, weight: torch.Tensor, down: torch.Tens
     identical = head.double().expand(num_heads, -1, -1).clone()
     zero_gate = torch.zeros(num_heads, r, dtype=torch.float64, device=h.device)
     zero_bias = torch.zeros(num_heads, dtype=torch.float64, device=h.device)
-    start = _objective(h, _gates(h, zero_gate, zero_bias), identical, t)
+    start = float((t - h @ head.double().T).square().sum())  # identical heads: one rank-r map, whatever the gate
     best = FittedHeads(zero_gate, zero_bias, identical, start, start, target)
     if num_heads == 1 or n < num_heads * r:  # one head, or too few tokens to determine M heads
         return best
 
-    def consider(gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> FittedHeads:
+    def consider(gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> None:
         nonlocal best
         heads, objective = _solve_heads(h, _gates(h, gate_weight, gate_bias), t, x, weight, target)
         if objective < best.objective:
             best = FittedHeads(gate_weight, gate_bias, heads, start, objective, target)
-        return best
 
     scale = h.norm(dim=1).median().clamp_min(torch.finfo(h.dtype).tiny)
     centroids = _spherical_kmeans(h, num_heads, torch.Generator(device="cpu").manual_seed(seed))
@@ -70,11 +69,6 @@ def _gates(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) 
 def _mixture_inputs(h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """(N, M*r): block m is g_m h, the input the concatenated heads [U_1 ... U_M] multiply."""
     return (gates[:, :, None] * h[:, None, :]).reshape(h.shape[0], -1)
-
-
-def _objective(h: torch.Tensor, gates: torch.Tensor, heads: torch.Tensor, t: torch.Tensor) -> float:
-    up = heads.permute(1, 0, 2).reshape(heads.shape[1], -1)  # (out, M*r)
-    return float((t - _mixture_inputs(h, gates) @ up.T).square().sum())
 
 
 def _solve_heads(h: torch.Tensor, gates: torch.Tensor, t: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

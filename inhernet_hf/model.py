@@ -104,8 +104,9 @@ def get_inher_model(
                 module.requires_grad_(True)
     report = InherReport(records)
     if isinstance(model, PreTrainedModel):
-        attach_description(model, config, report)
-    make_inherited(model, config, report)
+        attach_description(model, config, report)  # its quantizer makes the model an InherModel, as on loading
+    else:
+        make_inherited(model, config, report)
     if progressbar:
         n = sum(r.inherited for r in records)
         target = f"target {config.target_ratio:.4f}" if config.target_ratio is not None else f"r={config.r}"
