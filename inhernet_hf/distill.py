@@ -4,13 +4,18 @@
 `DistillationLoss`: the model's own loss mixed with Hinton KD (`kd_kl_loss`; `kd_mse_loss` for regression;
 token-level on the answer tokens of a causal LM), plus an optional layer-wise `hidden_state_loss`.
 
+`ContrastiveLoss`: CLIP's (softmax) or SigLIP's (sigmoid) image-text loss, with pairs of identical captions counted
+as positives, optionally mixed with KD from the teacher's similarity matrix (CLIP-KD style).
+
 The seed papers' feature-level baselines for a student classifier: HKT and HCD; HCD's training-only branches are
 an `nn.Module` (`loss_fn.branches`) that the recipe trains with the student and never saves with it.
 
-Features (for sequence classifiers):
+Features (for sequence and image classifiers):
 * penultimate feature: the input of the classification head (`classifier` or `score`), captured by a hook, (B, C)
-  (heads applied to a whole sequence are refused, see `capture_head_input`);
-* stage feature: the mask-averaged hidden state after a group of layers, (B, C).
+  (a CNN's pooled (B, C, 1, 1) map is flattened; heads applied to a whole sequence are refused, see
+  `capture_head_input`);
+* stage feature: the hidden state after a group of layers, mask-averaged over the sequence (B, C), or after a CNN
+  stage, averaged over the positions (B, C_s).
 
 HKT (Hereditary Knowledge Transfer, arXiv 2508.09743), child q and parent p penultimate features:
     a = sigmoid(<q, p> / sqrt(C)),  GA = a p + (1 - a) q,  mix = q + lambda (p - GA)
@@ -65,6 +70,8 @@ def capture_head_input(model: nn.Module):
 
     def hook(module, args):
         feature = args[0]
+        if feature.ndim > 2 and all(size == 1 for size in feature.shape[2:]):  # a CNN's pooled (B, C, 1, 1) map
+            feature = feature.flatten(1)
         if feature.ndim != 2:
             raise ValueError(f"HKT and HCD need a classification head applied to a pooled (batch, hidden) feature, as "
                              f"BERT-family classifiers have; {type(model).__name__}'s {type(head).__name__} is applied "
@@ -87,11 +94,35 @@ def masked_mean_pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def pool_feature(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A stage's feature: (B, L, C) -> masked mean over L; (B, C, H, W) -> mean over the positions; both (B, C)."""
+    return hidden.mean((2, 3)) if hidden.ndim == 4 else masked_mean_pool(hidden, attention_mask)
+
+
 def stage_ends(num_layers: int, num_stages: int) -> list[int]:
     """Indices into `hidden_states` (0 = embeddings) ending `num_stages` equal groups of `num_layers` layers."""
     if not 1 <= num_stages <= num_layers:
         raise ValueError(f"num_stages must lie in [1, {num_layers}] (the student's layers), got {num_stages}.")
     return [round(num_layers * (i + 1) / num_stages) for i in range(num_stages)]
+
+
+def feature_width(config) -> int:
+    """Width of a model's penultimate feature: `hidden_size`, or a CNN's last stage width (`hidden_sizes[-1]`)."""
+    return config.hidden_size if getattr(config, "hidden_size", None) else config.hidden_sizes[-1]
+
+
+def hcd_stages(config, num_stages: Optional[int] = None) -> tuple[list[int], list[int]]:
+    """(indices into `hidden_states`, their widths) of HCD's student stages. A transformer: `num_stages` (default
+    min(3, layers)) equal groups of layers; a CNN with `depths`: its own stages (hidden_states[1:]), all of them."""
+    depths = getattr(config, "depths", None)
+    if depths and getattr(config, "hidden_sizes", None):
+        if num_stages not in (None, len(depths)):
+            raise ValueError(f"a CNN's HCD stages are its {len(depths)} stages: num_stages must be {len(depths)} or "
+                             f"unset, got {num_stages}.")
+        return list(range(1, len(depths) + 1)), list(config.hidden_sizes)
+    num_layers = config.num_hidden_layers
+    ends = stage_ends(num_layers, num_stages or min(3, num_layers))
+    return ends, [config.hidden_size] * len(ends)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,16 +180,16 @@ class HKTLoss:
 
 
 class HCDBranches(nn.Module):
-    """HCD's training-only modules: per stage a projector P_s (C_s -> C_t) and a Complementary Feature Mapper
-    (Linear(2 C_t, C_t) -> ReLU -> Linear(C_t, k K))."""
+    """HCD's training-only modules: per stage s a projector P_s (C_s -> C_t) and a Complementary Feature Mapper
+    (Linear(2 C_t, C_t) -> ReLU -> Linear(C_t, k K)); `stage_dims` lists the C_s."""
 
-    def __init__(self, student_dim: int, teacher_dim: int, num_stages: int, num_labels: int, k: int = 4) -> None:
+    def __init__(self, stage_dims: list[int], teacher_dim: int, num_labels: int, k: int = 4) -> None:
         super().__init__()
         self.k, self.num_labels = k, num_labels
-        self.projectors = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(num_stages))
+        self.projectors = nn.ModuleList(nn.Linear(dim, teacher_dim) for dim in stage_dims)
         self.mappers = nn.ModuleList(
             nn.Sequential(nn.Linear(2 * teacher_dim, teacher_dim), nn.ReLU(), nn.Linear(teacher_dim, k * num_labels))
-            for _ in range(num_stages))
+            for _ in stage_dims)
 
     def forward(self, stage_features: list[torch.Tensor], teacher_feature: torch.Tensor) -> torch.Tensor:
         """Stage features S x (B, C_s) and the teacher feature (B, C_t) -> sub-logits (S, B, k, K)."""
@@ -198,7 +229,7 @@ def hcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, sub_log
 
 
 class HCDLoss:
-    """`train` loss function for HCD: student stage features (hidden states after `stage_ends`, mask-averaged) and
+    """`train` loss function for HCD: student stage features (hidden states at `hcd_stages`, pooled) and
     the frozen teacher's penultimate feature and logits feed `branches` (an `HCDBranches`, trained alongside). The
     teacher and the branches run under `autocast` (default: none)."""
 
@@ -216,7 +247,7 @@ class HCDLoss:
         with torch.no_grad(), self.autocast(), capture_head_input(self.teacher) as parent:
             teacher_logits = self.teacher(**inputs).logits
         mask = inputs.get("attention_mask")
-        stages = [masked_mean_pool(outputs.hidden_states[i], mask) for i in self.stage_indices]
+        stages = [pool_feature(outputs.hidden_states[i], mask) for i in self.stage_indices]
         with self.autocast():
             sub_logits = self.branches(stages, parent["feature"])
         return hcd_loss(outputs.logits, teacher_logits, sub_logits, batch["labels"], self.lam, self.beta, self.theta,
@@ -360,3 +391,65 @@ class DistillationLoss:
             logs["hidden_loss"] = hidden.detach()
         return loss, logs
 
+
+
+def contrastive_loss(logits_per_image: torch.Tensor, caption_ids: torch.Tensor, sigmoid: bool = False) -> torch.Tensor:
+    """Image-text loss of a (B images, B texts) logit matrix whose pair i is (image i, text i); `caption_ids` (B,)
+    names each text, so every pair of identical captions is a positive (a dataset built from class names repeats
+    them; with distinct captions this is the usual diagonal target).
+    softmax (CLIP): the mean of the image->text and text->image cross-entropies against the positives, uniform;
+    sigmoid (SigLIP): -sum_j log sigmoid(+-z_ij) over the texts (+ for positives), averaged over the images."""
+    positive = caption_ids[:, None] == caption_ids[None, :]
+    logits = logits_per_image.float()
+    if sigmoid:
+        return -F.logsigmoid(torch.where(positive, logits, -logits)).sum(-1).mean()
+    targets = positive.float() / positive.sum(-1, keepdim=True)  # symmetric: the same targets both ways
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+class ContrastiveLoss:
+    """`train` loss function of an image-text model (CLIP, SigLIP): `contrastive_loss` of its `logits_per_image`
+    (batch["labels"]: the caption ids), mixed with KD from a frozen `teacher`'s similarity matrix when `alpha` > 0:
+    (1 - alpha) * contrastive + alpha * the mean of the image->text and text->image `kd_kl_loss` at `temperature`
+    (each logit matrix with its own model's learned scale)."""
+
+    def __init__(self, teacher: Optional[nn.Module] = None, alpha: float = 0.0, temperature: float = 1.0,
+                 sigmoid: bool = False, autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None):
+        if alpha > 0 and teacher is None:
+            raise ValueError(f"alpha={alpha} distils from a teacher, but none was given.")
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None and alpha > 0 else None
+        self.alpha, self.temperature, self.sigmoid = alpha, temperature, sigmoid
+        self.autocast = autocast or contextlib.nullcontext
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits_per_image
+        task = contrastive_loss(logits, batch["labels"], self.sigmoid)
+        if self.teacher is None:
+            return task, {"task_loss": task.detach()}
+        with torch.no_grad(), self.autocast():
+            teacher_logits = self.teacher(**inputs).logits_per_image.float()
+        kd = (kd_kl_loss(logits.float(), teacher_logits, self.temperature)
+              + kd_kl_loss(logits.float().t(), teacher_logits.t(), self.temperature)) / 2
+        return (1 - self.alpha) * task + self.alpha * kd, {"task_loss": task.detach(), "kd_loss": kd.detach()}
+
+
+def student_loss(teacher: Optional[nn.Module], model: nn.Module, args, use_kd: bool, num_labels: int,
+                 kind: str = "kl", autocast=None) -> tuple[Callable, Optional[HCDBranches]]:
+    """(loss_fn, HCD branches or None) of a recipe run from its --distill_method / --kd_* / --hkt_* / --hcd_*
+    flags. The branches are training-only: the recipe optimises them with the model (and prepares them, then sets
+    `loss_fn.branches` to the prepared module) and never saves them."""
+    if use_kd and args.distill_method == "hcd":
+        stages, dims = hcd_stages(model.config, args.hcd_num_stages)
+        branches = HCDBranches(dims, feature_width(teacher.config), num_labels, args.hcd_k)
+        return HCDLoss(teacher, branches, stages, args.hcd_lambda, args.hcd_beta, args.hcd_theta,
+                       args.kd_temperature, autocast=autocast), branches
+    if use_kd and args.distill_method == "hkt":
+        if feature_width(teacher.config) != feature_width(model.config):
+            raise ValueError(f"--distill_method hkt mixes the student's and the teacher's penultimate features, so "
+                             f"both need one width, but the teacher's is {feature_width(teacher.config)} and the "
+                             f"student's {feature_width(model.config)}. For a teacher of another width use "
+                             f"--distill_method hcd (its projectors map between widths).")
+        return HKTLoss(teacher, args.hkt_lambda, autocast=autocast), None
+    return DistillationLoss(teacher, args.kd_alpha if use_kd else 0.0, args.kd_temperature, kind=kind,
+                            autocast=autocast, hidden_weight=args.kd_hidden_weight if use_kd else 0.0), None

@@ -1,8 +1,10 @@
 """The recipes' shared command-line flags (transformers' `run_*_no_trainer.py` names) and their cross-checks.
 
 * `add_training_args` (the loop's flags), `add_kd_args` (Hinton KD and the hidden-state term), `add_inher_args`
-  (the `--inher_*` flags of `InherConfig`; the init defaults to the measured best, whitened + activation ranks);
-* `check_common_args` refuses flags a run would not use; `inher_config_from_args` builds the `InherConfig`.
+  (the `--inher_*` flags of `InherConfig`; the init defaults to the measured best, whitened + activation ranks),
+  `add_baseline_args` (--distill_method and the HKT / HCD weights of the student baselines);
+* `check_common_args` / `check_baseline_args` refuse flags a run would not use; `inher_config_from_args` builds the
+  `InherConfig`.
 """
 
 from __future__ import annotations
@@ -109,6 +111,56 @@ def add_kd_args(parser: argparse.ArgumentParser, alpha: float = 0.5,
                             "tokens. The student needs the teacher's layers and hidden size (an inherited model has "
                             "them). 0 disables it.")
     return parser
+
+
+# The flags of the --distill_method baselines (kd's flags are add_kd_args').
+BASELINE_FLAGS = {"hkt": ("hkt_lambda",), "hcd": ("hcd_k", "hcd_num_stages", "hcd_lambda", "hcd_beta", "hcd_theta")}
+
+
+def add_baseline_args(parser: argparse.ArgumentParser, stages_help: str) -> argparse._ArgumentGroup:
+    """The "student baselines" group: --distill_method and the HKT / HCD weights. Returns the group, to which the
+    recipe adds its own student-shape flags (layers of a transformer, stage depths of a CNN)."""
+    group = parser.add_argument_group("student baselines (a smaller same-family model instead of inheritance)")
+    group.add_argument("--distill_method", choices=["kd", "hkt", "hcd"], default="kd",
+                       help="'kd': Hinton KD weighted by --kd_alpha (0: plain cross-entropy); 'hkt': Hereditary "
+                            "Knowledge Transfer; 'hcd': Heterogeneous Complementary Distillation (both "
+                            "classification only, with their own weights below; HCD's KL temperature is "
+                            "--kd_temperature).")
+    group.add_argument("--hkt_lambda", type=float, default=0.6, help="HKT's mixing weight lambda.")
+    group.add_argument("--hcd_k", type=int, default=4, help="HCD's sub-logits per stage.")
+    group.add_argument("--hcd_num_stages", type=int, default=None, help=f"HCD's student stages ({stages_help}).")
+    group.add_argument("--hcd_lambda", type=float, default=6.0,
+                       help="HCD's KL weight (the KL's temperature: --kd_temperature).")
+    group.add_argument("--hcd_beta", type=float, default=1.0, help="HCD's orthogonality-loss weight.")
+    group.add_argument("--hcd_theta", type=float, default=0.5, help="HCD's cosine margin theta.")
+    return group
+
+
+def check_baseline_args(args: argparse.Namespace, parser: argparse.ArgumentParser, is_student: bool) -> None:
+    """Cross-checks of add_baseline_args' flags (after check_common_args); raises ValueError with the flag names."""
+    if args.distill_method != "kd" and (args.no_inher and not is_student):
+        raise ValueError(f"--distill_method {args.distill_method} needs a student or an inherited model (it "
+                         f"distils from the teacher); --no_inher trains the teacher.")
+    # HKT and HCD have their own weights instead of Hinton KD's; HCD's KL term keeps --kd_temperature.
+    hinton = {"kd": (), "hkt": ("kd_alpha", "kd_temperature", "kd_hidden_weight"),
+              "hcd": ("kd_alpha", "kd_hidden_weight")}
+    unused = changed_flags(args, parser, hinton[args.distill_method])
+    if unused:
+        takes = " and --kd_temperature (its KL temperature)" if args.distill_method == "hcd" else ""
+        raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights{takes}, "
+                         f"not Hinton KD's: remove {', '.join(unused)}.")
+    unused = changed_flags(args, parser, [name for method, names in BASELINE_FLAGS.items()
+                                          if method != args.distill_method for name in names])
+    if unused:
+        raise ValueError(f"--distill_method {args.distill_method} does not use {', '.join(unused)} (the --hkt_* "
+                         f"flags set HKT, the --hcd_* flags HCD): remove them.")
+    if args.hcd_k < 1 or (args.hcd_num_stages is not None and args.hcd_num_stages < 1):
+        raise ValueError(f"--hcd_k and --hcd_num_stages must be >= 1, got {args.hcd_k}, {args.hcd_num_stages}.")
+    if not 0.0 <= args.hkt_lambda <= 1.0:
+        raise ValueError(f"--hkt_lambda (a mixing weight) must lie in [0, 1], got {args.hkt_lambda}.")
+    if not (args.hcd_lambda >= 0 and args.hcd_beta >= 0 and -1.0 <= args.hcd_theta < 1.0):
+        raise ValueError(f"--hcd_lambda and --hcd_beta must be >= 0 and --hcd_theta (a cosine margin) in [-1, 1), "
+                         f"got {args.hcd_lambda}, {args.hcd_beta}, {args.hcd_theta}.")
 
 
 def add_inher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -1,5 +1,7 @@
-"""Same-size comparisons: a same-family student made of some of the teacher's layers (DistilBERT-style init), and
-the InherNet target ratio whose model has the same total parameter count as a given student (or model size)."""
+"""Same-size comparisons: a same-family student made of some of the teacher's blocks (DistilBERT-style init) --
+`layer_student` for transformers (a subset of the layer stack), `stage_student` for CNNs with `config.depths`
+(fewer blocks in each stage) -- and the InherNet target ratio whose model has the same total parameter count as a
+given student (or model size)."""
 
 from __future__ import annotations
 
@@ -64,6 +66,52 @@ def layer_student_param_count(teacher: nn.Module, num_layers: int) -> int:
     _, stack = layer_stack(teacher)
     kept = set(evenly_spaced_layers(len(stack), num_layers))
     dropped = sum(p.numel() for i, block in enumerate(stack) if i not in kept for p in block.parameters())
+    return sum(p.numel() for p in teacher.parameters()) - dropped
+
+
+def stage_lists(model: nn.Module) -> list[nn.Module]:
+    """The block list (`layers`, a Sequential or ModuleList) of each stage of a CNN whose config has `depths`
+    (HF ResNet, RegNet, ConvNeXt): the one ModuleList of stages whose i-th stage has `depths[i]` blocks."""
+    depths = list(getattr(getattr(model, "config", None), "depths", None) or [])
+    found = [stages for _, stages in model.named_modules()
+             if isinstance(stages, nn.ModuleList) and len(stages) == len(depths) and depths
+             and all(isinstance(getattr(stage, "layers", None), (nn.Sequential, nn.ModuleList))
+                     and len(stage.layers) == depth for stage, depth in zip(stages, depths))]
+    if len(found) != 1:
+        raise ValueError(f"cannot find the stages of {type(model).__name__}: need a config with `depths` and exactly "
+                         f"one ModuleList of stages with those many `layers` (depths={depths or None}, found "
+                         f"{len(found)}).")
+    return [stage.layers for stage in found[0]]
+
+
+def _kept_blocks(teacher: nn.Module, depths: Sequence[int]) -> list[list[int]]:
+    stages = stage_lists(teacher)
+    depths = list(depths)
+    if len(depths) != len(stages) or not all(1 <= d <= len(s) for d, s in zip(depths, stages)):
+        raise ValueError(f"a stage student keeps between 1 and the teacher's blocks in each of its {len(stages)} "
+                         f"stages (teacher depths {[len(s) for s in stages]}), got depths {depths}.")
+    return [evenly_spaced_layers(len(s), d) for s, d in zip(stages, depths)]
+
+
+def stage_student(teacher: nn.Module, depths: Sequence[int]) -> nn.Module:
+    """A copy of a CNN `teacher` keeping `depths[i]` evenly spaced blocks of stage i (always its first, which changes
+    the width and stride); the stem, the head and every kept block are the teacher's. The teacher is not modified."""
+    kept = _kept_blocks(teacher, depths)
+    student = copy.deepcopy(teacher)
+    for stage, keep in zip(stage_lists(student), kept):
+        blocks = list(stage)
+        for index in reversed(range(len(blocks))):
+            if index not in keep:
+                del stage[index]
+    student.config.depths = [len(keep) for keep in kept]
+    return student
+
+
+def stage_student_param_count(teacher: nn.Module, depths: Sequence[int]) -> int:
+    """Parameters of `stage_student(teacher, depths)`, without building it."""
+    kept = _kept_blocks(teacher, depths)
+    dropped = sum(p.numel() for stage, keep in zip(stage_lists(teacher), kept) for i, block in enumerate(stage)
+                  if i not in keep for p in block.parameters())
     return sum(p.numel() for p in teacher.parameters()) - dropped
 
 

@@ -41,8 +41,9 @@ from transformers.utils import cached_file
 
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited teachers load)
 from inhernet_hf.checkpoints import CheckpointError, resolve_checkpoint
-from inhernet_hf.distill import DistillationLoss, HCDBranches, HCDLoss, HKTLoss, check_hidden_states_match, stage_ends
-from inhernet_hf.flags import (add_inher_args, add_kd_args, add_training_args, changed_flags, check_common_args,
+from inhernet_hf.distill import check_hidden_states_match, student_loss
+from inhernet_hf.flags import (add_baseline_args, add_inher_args, add_kd_args, add_training_args, changed_flags,
+                               check_baseline_args, check_common_args,
                                inher_config_from_args)
 from inhernet_hf.metrics import load_metric
 from inhernet_hf.students import layer_student
@@ -51,8 +52,6 @@ from inhernet_hf.training import (NonFiniteLossError, TrackingError, build_accel
                                   prepare_training, run_results, train)
 
 HUB_DATASET = "nyu-mll/glue"
-# The flags of the --distill_method baselines (kd's flags are add_kd_args').
-BASELINE_FLAGS = {"hkt": ("hkt_lambda",), "hcd": ("hcd_k", "hcd_num_stages", "hcd_lambda", "hcd_beta", "hcd_theta")}
 
 
 class GlueRecipeError(ValueError):
@@ -236,60 +235,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add_training_args(parser)
     add_inher_args(parser)
     add_kd_args(parser)
-    baselines = parser.add_argument_group("student baselines (a smaller same-family model instead of inheritance)")
+    baselines = add_baseline_args(parser, "equal groups of layers; default: min(3, layers)")
     baselines.add_argument("--student_num_layers", type=int, default=None,
                            help="Train a student made of this many evenly spaced layers of --model_name_or_path "
                                 "(DistilBERT-style init) instead of inheriting.")
     baselines.add_argument("--student_layers", type=int, nargs="+", default=None,
                            help="The teacher's layer indices the student keeps (instead of --student_num_layers).")
-    baselines.add_argument("--distill_method", choices=["kd", "hkt", "hcd"], default="kd",
-                           help="'kd': Hinton KD weighted by --kd_alpha (0: plain cross-entropy); 'hkt': Hereditary "
-                                "Knowledge Transfer; 'hcd': Heterogeneous Complementary Distillation (both "
-                                "classification only, with their own weights below; HCD's KL temperature is "
-                                "--kd_temperature).")
-    baselines.add_argument("--hkt_lambda", type=float, default=0.6, help="HKT's mixing weight lambda.")
-    baselines.add_argument("--hcd_k", type=int, default=4, help="HCD's sub-logits per stage.")
-    baselines.add_argument("--hcd_num_stages", type=int, default=None,
-                           help="HCD's student stages (equal groups of layers; default: min(3, layers)).")
-    baselines.add_argument("--hcd_lambda", type=float, default=6.0,
-                           help="HCD's KL weight (the KL's temperature: --kd_temperature).")
-    baselines.add_argument("--hcd_beta", type=float, default=1.0, help="HCD's orthogonality-loss weight.")
-    baselines.add_argument("--hcd_theta", type=float, default=0.5, help="HCD's cosine margin theta.")
     args = parser.parse_args(argv)
     try:
         if args.student_num_layers is not None and args.student_layers is not None:
             raise ValueError("Give only one of --student_num_layers and --student_layers.")
         is_student = args.student_num_layers is not None or args.student_layers is not None
-        if args.distill_method != "kd" and (args.no_inher and not is_student):
-            raise ValueError(f"--distill_method {args.distill_method} needs a student or an inherited model (it "
-                             f"distils from the teacher); --no_inher trains the teacher.")
         check_common_args(args, parser, "student" if is_student else "teacher" if args.no_inher else "inherited")
         if GLUE_TASKS[args.task_name].is_regression and changed_flags(args, parser, ("kd_temperature",)):
             raise ValueError(f"{args.task_name} is a regression: its KD term is the MSE to the teacher's outputs, "
                              f"without a temperature; remove --kd_temperature.")
-        # HKT and HCD have their own weights instead of Hinton KD's; HCD's KL term keeps --kd_temperature.
-        hinton = {"kd": (), "hkt": ("kd_alpha", "kd_temperature", "kd_hidden_weight"),
-                  "hcd": ("kd_alpha", "kd_hidden_weight")}
-        unused = changed_flags(args, parser, hinton[args.distill_method])
-        if unused:
-            takes = " and --kd_temperature (its KL temperature)" if args.distill_method == "hcd" else ""
-            raise ValueError(f"{args.distill_method.upper()} uses its own --{args.distill_method}_* weights{takes}, "
-                             f"not Hinton KD's: remove {', '.join(unused)}.")
-        unused = changed_flags(args, parser, [name for method, names in BASELINE_FLAGS.items()
-                                              if method != args.distill_method for name in names])
-        if unused:
-            raise ValueError(f"--distill_method {args.distill_method} does not use {', '.join(unused)} (the --hkt_* "
-                             f"flags set HKT, the --hcd_* flags HCD): remove them.")
+        check_baseline_args(args, parser, is_student)
         for flag in ("max_length", "max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-        if args.hcd_k < 1 or (args.hcd_num_stages is not None and args.hcd_num_stages < 1):
-            raise ValueError(f"--hcd_k and --hcd_num_stages must be >= 1, got {args.hcd_k}, {args.hcd_num_stages}.")
-        if not 0.0 <= args.hkt_lambda <= 1.0:
-            raise ValueError(f"--hkt_lambda (a mixing weight) must lie in [0, 1], got {args.hkt_lambda}.")
-        if not (args.hcd_lambda >= 0 and args.hcd_beta >= 0 and -1.0 <= args.hcd_theta < 1.0):
-            raise ValueError(f"--hcd_lambda and --hcd_beta must be >= 0 and --hcd_theta (a cosine margin) in [-1, 1), "
-                             f"got {args.hcd_lambda}, {args.hcd_beta}, {args.hcd_theta}.")
     except ValueError as err:
         parser.error(str(err))
     if args.push_to_hub and args.hub_model_id is None:
@@ -377,11 +341,6 @@ def run(args: argparse.Namespace) -> dict:
     if use_kd:
         teacher = load_teacher(args.teacher_name_or_path or args.model_name_or_path, task, tokenizer)
         teacher.to(accelerator.device)
-        if args.distill_method == "hkt" and teacher.config.hidden_size != config.hidden_size:
-            raise GlueRecipeError(f"--distill_method hkt mixes the student's and the teacher's penultimate features, "
-                                  f"so both need one width, but the teacher has hidden_size "
-                                  f"{teacher.config.hidden_size} and the student {config.hidden_size}. For a teacher "
-                                  f"of another width use --distill_method hcd (its projectors map between widths).")
 
     # Tokenise (only the examples used).
     if args.max_train_samples is not None:
@@ -426,29 +385,17 @@ def run(args: argparse.Namespace) -> dict:
         model = inherit_for_training(accelerator, model, inher_config, processed["train"], collator, args)
     total_params, trainable_params = param_counts(model)
 
-    branches = None
-    if use_kd and args.distill_method == "hcd":  # training-only modules: trained with the student, never saved
-        num_layers = model.config.num_hidden_layers
-        try:
-            stages = stage_ends(num_layers, args.hcd_num_stages or min(3, num_layers))
-        except ValueError as err:
-            raise GlueRecipeError(f"--hcd_num_stages: {err}") from err
-        branches = HCDBranches(model.config.hidden_size, teacher.config.hidden_size, len(stages),
-                               task.num_labels, args.hcd_k)
-    # HCD's branches are optimised with the student, under the same rule (no weight decay on biases and norms)
+    try:  # HCD's branches are training-only: optimised with the student (same weight-decay rule), never saved
+        loss_fn, branches = student_loss(teacher, model, args, use_kd, task.num_labels,
+                                         kind="mse" if task.is_regression else "kl", autocast=accelerator.autocast)
+    except ValueError as err:
+        raise GlueRecipeError(str(err)) from err
     trained = model if branches is None else torch.nn.ModuleList([model, branches])
     optimizer = build_optimizer(trained, args.learning_rate, args.weight_decay)
     model, optimizer, train_dataloader, eval_dataloaders, lr_scheduler, plan = prepare_training(
         accelerator, model, optimizer, train_dataloader, eval_dataloaders, args)
     if branches is not None:
-        loss_fn = HCDLoss(teacher, accelerator.prepare(branches), stages, args.hcd_lambda, args.hcd_beta,
-                          args.hcd_theta, args.kd_temperature, autocast=accelerator.autocast)
-    elif use_kd and args.distill_method == "hkt":
-        loss_fn = HKTLoss(teacher, args.hkt_lambda, autocast=accelerator.autocast)
-    else:
-        loss_fn = DistillationLoss(teacher, args.kd_alpha if use_kd else 0.0, args.kd_temperature,
-                                   kind="mse" if task.is_regression else "kl", autocast=accelerator.autocast,
-                                   hidden_weight=args.kd_hidden_weight if use_kd else 0.0)
+        loss_fn.branches = accelerator.prepare(branches)
     predict = ((lambda outputs, batch: outputs.logits.squeeze(-1)) if task.is_regression
                else (lambda outputs, batch: outputs.logits.argmax(dim=-1)))
 

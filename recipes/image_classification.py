@@ -38,8 +38,10 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 import inhernet_hf  # noqa: F401  (registers the inherited layers with transformers: inherited teachers load)
 from inhernet_hf.checkpoints import CheckpointError, resolve_checkpoint
-from inhernet_hf.distill import DistillationLoss
-from inhernet_hf.flags import add_inher_args, add_kd_args, add_training_args, check_common_args, inher_config_from_args
+from inhernet_hf.distill import student_loss
+from inhernet_hf.flags import (add_baseline_args, add_inher_args, add_kd_args, add_training_args, check_baseline_args,
+                               check_common_args, inher_config_from_args)
+from inhernet_hf.students import stage_student
 from inhernet_hf.training import (NonFiniteLossError, TrackingError, build_accelerator, build_optimizer,
                                   create_hub_repo, evaluate, finish_run, inherit_for_training, param_counts,
                                   prepare_training, run_results, train)
@@ -86,8 +88,9 @@ def load_idx(idx_dir: str, label_names: list[str]) -> DatasetDict:
     return DatasetDict(splits)
 
 
-def load_images(args: argparse.Namespace) -> DatasetDict:
-    """train / validation splits from --idx_dir, --train_dir/--validation_dir (imagefolder) or --dataset_name."""
+def load_images(args: argparse.Namespace, columns: Optional[list[str]] = None) -> DatasetDict:
+    """train / validation splits from --idx_dir, --train_dir/--validation_dir (imagefolder) or --dataset_name;
+    `columns` (default: --image_column_name and --label_column_name) must be in them."""
     if args.idx_dir:
         return load_idx(args.idx_dir, args.idx_label_names)
     if args.dataset_name:
@@ -101,11 +104,27 @@ def load_images(args: argparse.Namespace) -> DatasetDict:
         if "test" not in data:
             raise ImageRecipeError(f"the dataset has splits {list(data)}: it needs a 'validation' or 'test' split.")
         data["validation"] = data.pop("test")
-    for column in (args.image_column_name, args.label_column_name):
+    for column in columns or (args.image_column_name, args.label_column_name):
         if column not in data["train"].column_names:
             raise ImageRecipeError(f"no column {column!r} in the dataset (columns: {data['train'].column_names}); "
-                                   f"set --image_column_name / --label_column_name.")
+                                   f"set the --*_column flags.")
     return data
+
+
+def check_source_args(args: argparse.Namespace) -> None:
+    """One data source and one model source (a pretrained model, or a --model_type trained from scratch as the
+    teacher); raises ValueError naming the flags."""
+    if sum(x is not None for x in (args.dataset_name, args.train_dir, args.idx_dir)) != 1:
+        raise ValueError("Give exactly one of --dataset_name, --train_dir and --idx_dir.")
+    if (args.model_name_or_path is None) == (args.model_type is None):
+        raise ValueError("Give exactly one of --model_name_or_path and --model_type (training from scratch).")
+    if args.config_overrides and args.model_type is None:
+        raise ValueError("--config_overrides configures a model trained from scratch: give --model_type too.")
+    if not isinstance(args.config_overrides, dict):
+        raise ValueError(f"--config_overrides must be a JSON object, got {args.config_overrides!r}.")
+    if args.model_type is not None and not args.no_inher:
+        raise ValueError("--model_type trains a teacher from scratch: add --no_inher (inherit from its output_dir "
+                         "afterwards).")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -136,23 +155,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add_inher_args(parser)
     add_kd_args(parser)
     parser.set_defaults(inher_init="svd")  # Conv2d layers take the SVD init only
+    baselines = add_baseline_args(parser, "a CNN's own stages, all of them")
+    baselines.add_argument("--student_depths", type=int, nargs="+", default=None,
+                           help="Train a student keeping this many evenly spaced blocks of each stage of "
+                                "--model_name_or_path (a CNN with config.depths; the first block of each stage is "
+                                "always kept) instead of inheriting.")
     args = parser.parse_args(argv)
     try:
-        if sum(x is not None for x in (args.dataset_name, args.train_dir, args.idx_dir)) != 1:
-            raise ValueError("Give exactly one of --dataset_name, --train_dir and --idx_dir.")
-        if (args.model_name_or_path is None) == (args.model_type is None):
-            raise ValueError("Give exactly one of --model_name_or_path and --model_type (training from scratch).")
-        if args.config_overrides and args.model_type is None:
-            raise ValueError("--config_overrides configures a model trained from scratch: give --model_type too.")
-        if not isinstance(args.config_overrides, dict):
-            raise ValueError(f"--config_overrides must be a JSON object, got {args.config_overrides!r}.")
-        if args.model_type is not None and not args.no_inher:
-            raise ValueError("--model_type trains a teacher from scratch: add --no_inher (inherit from its output_dir "
-                             "afterwards).")
+        check_source_args(args)
         for flag in ("max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-        check_common_args(args, parser, "teacher" if args.no_inher else "inherited")
+        is_student = args.student_depths is not None
+        if is_student and args.model_name_or_path is None:
+            raise ValueError("--student_depths keeps blocks of a trained teacher: give --model_name_or_path.")
+        check_common_args(args, parser, "student" if is_student else "teacher" if args.no_inher else "inherited")
+        check_baseline_args(args, parser, is_student)
     except ValueError as err:
         parser.error(str(err))
     if args.push_to_hub and args.hub_model_id is None:
@@ -201,9 +219,11 @@ def build_model(args: argparse.Namespace, label_names: list[str], channels: int)
 
 def run(args: argparse.Namespace) -> dict:
     wall_start = time.perf_counter()
-    use_kd = not args.no_inher and args.kd_alpha > 0
+    is_student = args.student_depths is not None
+    use_kd = (is_student or not args.no_inher) and (args.kd_alpha > 0 or args.kd_hidden_weight > 0
+                                                    or args.distill_method != "kd")
     inher_config = None
-    if not args.no_inher:
+    if not args.no_inher and not is_student:
         try:
             inher_config = inher_config_from_args(args, task_type=None)
         except (TypeError, ValueError) as err:
@@ -238,14 +258,24 @@ def run(args: argparse.Namespace) -> dict:
     eval_dataloader = DataLoader(data["validation"], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
 
     dense_params = model.num_parameters()
+    if is_student:
+        try:
+            model = stage_student(model, args.student_depths)
+        except ValueError as err:
+            raise ImageRecipeError(f"bad student options: {err}") from err
     if inher_config is not None:
         model = inherit_for_training(accelerator, model, inher_config, data["train"], collate, args)
     total_params, trainable_params = param_counts(model)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    try:  # HCD's branches are training-only: optimised with the student (same weight-decay rule), never saved
+        loss_fn, branches = student_loss(teacher, model, args, use_kd, len(label_names), autocast=accelerator.autocast)
+    except ValueError as err:
+        raise ImageRecipeError(str(err)) from err
+    trained = model if branches is None else torch.nn.ModuleList([model, branches])
+    optimizer = build_optimizer(trained, args.learning_rate, args.weight_decay)
     model, optimizer, train_dataloader, eval_dataloaders, lr_scheduler, plan = prepare_training(
         accelerator, model, optimizer, train_dataloader, {"validation": eval_dataloader}, args)
-    loss_fn = DistillationLoss(teacher, args.kd_alpha if use_kd else 0.0, args.kd_temperature,
-                               autocast=accelerator.autocast)
+    if branches is not None:
+        loss_fn.branches = accelerator.prepare(branches)
 
     def eval_fn() -> dict:
         predictions, references = evaluate(accelerator, model, eval_dataloaders["validation"],
@@ -254,14 +284,18 @@ def run(args: argparse.Namespace) -> dict:
 
     accelerator.print(f"{len(data['train'])} train / {len(data['validation'])} validation images, "
                       f"{len(label_names)} classes; {plan.max_train_steps} optimizer steps; "
-                      f"{'inherited' if inher_config else 'dense'} model with {total_params:,} params")
+                      f"{'inherited' if inher_config else 'student' if is_student else 'dense'} model with "
+                      f"{total_params:,} params; " + (f"distillation {args.distill_method}" if use_kd else
+                                                      "no distillation"))
     result = train(accelerator, model, optimizer, lr_scheduler, train_dataloader, loss_fn, plan, args.output_dir,
                    checkpointing_steps=args.checkpointing_steps, resume_from_checkpoint=resume_path,
                    max_grad_norm=args.max_grad_norm, eval_fn=eval_fn, eval_steps=args.eval_steps, seed=args.seed,
                    with_tracking=args.with_tracking, project_name="image_classification", tracker_args=args)
     results = run_results(accelerator, result, result.eval_metrics, total_params, trainable_params, dense_params,
                           len(data["train"]), wall_start)
-    results.update({"inherited": inher_config is not None, "kd": use_kd, "num_labels": len(label_names)})
+    results.update({"inherited": inher_config is not None, "kd": use_kd, "num_labels": len(label_names),
+                    "distill_method": args.distill_method if use_kd else None,
+                    "student_depths": list(model.config.depths) if is_student else None})
     card_metrics = {k: v for k, v in result.eval_metrics.items() if k != "samples"}
     finish_run(accelerator, args, model, processor, results, card_metrics,
                args.dataset_name or args.idx_dir or args.train_dir, repo_id)

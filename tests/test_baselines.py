@@ -163,7 +163,7 @@ def test_hkt_refuses_a_head_applied_to_the_sequence():
 
 def test_hcd_trains_the_student_and_its_branches_only():
     teacher, student = tiny_bert(4, 0), layer_student(tiny_bert(4, 0), 2)
-    branches = HCDBranches(32, 32, num_stages=2, num_labels=3, k=4)
+    branches = HCDBranches([32, 32], 32, num_labels=3, k=4)
     loss_fn = HCDLoss(teacher, branches, stage_ends(2, 2), lam=6.0, beta=1.0, theta=0.5, temperature=4.0)
     loss, logs = loss_fn(student, batch())
     assert set(logs) == {"task_loss", "fused_ce", "kd_loss", "orth_loss"}
@@ -178,7 +178,7 @@ def test_hcd_branch_terms_reach_the_layers_up_to_their_stage():
     not layers 3-4."""
     teacher, student = tiny_bert(4, 0), tiny_bert(4, 1)
     student.classifier.register_forward_hook(lambda module, args, output: output.detach())
-    branches = HCDBranches(32, 32, num_stages=1, num_labels=3)
+    branches = HCDBranches([32], 32, num_labels=3)
     loss, _ = HCDLoss(teacher, branches, stage_indices=[2])(student, batch())
     loss.backward()
     grads = [sum(p.grad.abs().sum() for p in layer.parameters() if p.grad is not None)
@@ -201,7 +201,7 @@ def test_losses_under_mixed_precision(method):
     head or branch calls under the autocast it is given: a finite loss near the float32 one, gradients on the
     student, a teacher that computes in bfloat16."""
     teacher, student = tiny_bert(4, 0), layer_student(tiny_bert(4, 0), 2)
-    branches = HCDBranches(32, 32, num_stages=2, num_labels=3)
+    branches = HCDBranches([32, 32], 32, num_labels=3)
 
     def loss_fn(autocast=None):
         if method == "hkt":
@@ -286,3 +286,91 @@ def test_matched_target_ratio_gives_the_students_size(minilm_classifier):
     assert 0.995 < total / student_params <= 1, (total, student_params, ratio)  # never larger than the student
     with pytest.raises(ValueError, match="cannot be reached by inheritance"):
         matched_target_ratio(minilm_classifier, 1_000_000, config)  # fewer than the embeddings alone
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CNN students (HF ResNet): fewer blocks per stage; HKT and HCD on pooled maps and per-stage widths
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_resnet(seed: int = 0, depths=(2, 3)):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=list(depths),
+                          layer_type="basic", num_labels=3)
+    return ResNetForImageClassification(config).eval()
+
+
+def images(n: int = 4) -> dict:
+    torch.manual_seed(1)
+    return {"pixel_values": torch.randn(n, 1, 16, 16), "labels": torch.tensor([0, 1, 2, 1][:n])}
+
+
+def test_stage_student_keeps_evenly_spaced_blocks_of_each_stage(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from inhernet_hf.students import stage_student, stage_student_param_count
+
+    teacher = tiny_resnet()
+    student = stage_student(teacher, [1, 2]).eval()
+    assert student.config.depths == [1, 2] and teacher.config.depths == [2, 3]  # the teacher is untouched
+    assert sum(p.numel() for p in student.parameters()) == stage_student_param_count(teacher, [1, 2])
+    kept = {0: [0], 1: [0, 1]}  # evenly_spaced_layers(2, 1), evenly_spaced_layers(3, 2)
+    for s, blocks in kept.items():
+        for new, old in enumerate(blocks):
+            for a, b in zip(student.resnet.encoder.stages[s].layers[new].parameters(),
+                            teacher.resnet.encoder.stages[s].layers[old].parameters()):
+                assert torch.equal(a, b)
+    # the same computation as the teacher with the dropped blocks removed by hand
+    reference = tiny_resnet()
+    del reference.resnet.encoder.stages[0].layers[1]
+    del reference.resnet.encoder.stages[1].layers[2]
+    x = images()["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(student(pixel_values=x).logits, reference(pixel_values=x).logits)
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=x).logits, student(pixel_values=x).logits)
+    assert stage_student_param_count(teacher, [2, 3]) == sum(p.numel() for p in teacher.parameters())
+    with pytest.raises(ValueError, match=r"between 1 and the teacher's blocks in each of its 2 stages \(teacher "
+                                         r"depths \[2, 3\]\), got depths \[1, 4\]"):
+        stage_student(teacher, [1, 4])
+
+
+def test_hkt_on_a_cnn_mixes_the_pooled_features():
+    """The classifier's input is the pooled (B, C, 1, 1) map: HKT takes it flattened, and its loss equals hkt_loss
+    on the features computed by hand."""
+    from inhernet_hf.students import stage_student
+
+    teacher = tiny_resnet()
+    student = stage_student(teacher, [1, 1])
+    batch = images()
+    loss, _ = HKTLoss(teacher)(student, batch)
+    with torch.no_grad():
+        q = student.resnet(batch["pixel_values"]).pooler_output.flatten(1)
+        p = teacher.resnet(batch["pixel_values"]).pooler_output.flatten(1)
+    expected, _ = hkt_loss(q, p, student.classifier, teacher.classifier, batch["labels"], lam=0.6)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert_gradients_exactly_on([student], teacher)
+
+
+def test_hcd_on_a_cnn_uses_its_stages_and_their_widths():
+    from inhernet_hf.distill import feature_width, hcd_stages, pool_feature
+    from inhernet_hf.students import stage_student
+
+    teacher = tiny_resnet()
+    student = stage_student(teacher, [1, 1])
+    stages, dims = hcd_stages(student.config)
+    assert stages == [1, 2] and dims == [8, 16] and feature_width(teacher.config) == 16
+    with pytest.raises(ValueError, match="a CNN's HCD stages are its 2 stages: num_stages must be 2 or unset"):
+        hcd_stages(student.config, 3)
+    hidden = torch.arange(24.0).reshape(1, 2, 3, 4)
+    assert torch.equal(pool_feature(hidden), torch.tensor([[5.5, 17.5]]))
+    branches = HCDBranches(dims, 16, num_labels=3)
+    loss, logs = HCDLoss(teacher, branches, stages)(student, images())
+    loss.backward()
+    assert_gradients_exactly_on([student, branches], teacher)
+    assert all(p.grad.abs().sum() > 0 for p in branches.parameters())

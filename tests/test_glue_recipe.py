@@ -239,6 +239,13 @@ COMPARE = ["--teacher_name_or_path", "t", "--output_dir", "o"]
      "--launcher: --num_processes must be an integer >= 1, got 'two'"),
     (["--task_name", "sst2", "--launcher", "accelerate launch --config_file c.yaml --num_machines 1"],
      "--launcher: with --config_file, also give --num_processes N"),
+    ([], "--recipe glue needs --task_name"),
+    (["--task_name", "sst2", "--idx_dir", "d"], "--recipe glue does not use --idx_dir"),
+    (["--recipe", "image_classification"], "needs its data: --idx_dir, --dataset_name or --train_dir"),
+    (["--recipe", "image_classification", "--idx_dir", "d", "--methods", "student", "inher_symmetric"],
+     "--recipe image_classification does not use --methods inher_symmetric"),
+    (["--recipe", "image_classification", "--idx_dir", "d", "--student_num_layers", "2"],
+     "--recipe image_classification does not use --student_num_layers"),
 ])
 def test_compare_refuses_bad_arguments_before_any_run(flags, message, capsys):
     with pytest.raises(SystemExit):
