@@ -662,7 +662,7 @@ def narrow_teacher(tmp_path_factory):
 def test_hkt_with_a_teacher_of_another_width_is_refused(narrow_teacher, tmp_path, capsys):
     message = _fail([*SST2, "--model_name_or_path", minilm_path(), "--teacher_name_or_path", narrow_teacher,
                      "--student_num_layers", "3", "--distill_method", "hkt"], tmp_path, capsys)
-    assert ("the teacher has hidden_size 32 and the student 384. For a teacher of another width use --distill_method "
+    assert ("the teacher's is 32 and the student's 384. For a teacher of another width use --distill_method "
             "hcd") in message
 
 
