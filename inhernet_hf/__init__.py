@@ -6,6 +6,7 @@ from .conv import InherConv2d
 from .layer import InherLinear, inher_num_params
 from .model import InherModel, get_inher_model, plan_inheritance
 from .report import InherReport, LayerRecord
+from .streaming import compress_checkpoint
 
 __version__ = "0.2.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "InherModel",
     "InherReport",
     "LayerRecord",
+    "compress_checkpoint",
     "get_inher_model",
     "inher_num_params",
     "plan_inheritance",

@@ -311,6 +311,44 @@ def _capture_block_calls(model: nn.Module, blocks: list[nn.Module],
     return [first[1:] for first, *_ in calls], [later for _, *later in calls]
 
 
+def record_block_calls(model: nn.Module, blocks: list[nn.Module],
+                       batches: list[dict]) -> tuple[list[tuple], list[list[tuple]]]:
+    """`_capture_block_calls` without running the blocks (they may hold no weights): each block's forward is
+    replaced, for the pass, by one that records its arguments and returns its hidden states unchanged (later
+    blocks' hidden states are discarded anyway), and the pass stops at the last block. Only the embeddings and
+    what computes the blocks' other arguments (masks, rotary tables) run."""
+    calls: list[list[tuple]] = []
+
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            if args:
+                calls[-1].append((True, args if index == 0 else args[1:], kwargs))
+            else:
+                rest = kwargs if index == 0 else {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                calls[-1].append((False, (), rest))
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        for i, batch in enumerate(batches):
+            calls.append([])
+            try:
+                model(**_model_kwargs(model, batch))
+            except _StopForward:
+                if len(calls[i]) == len(blocks):
+                    continue
+            raise RuntimeError(f"Calibration batch {i} did not call the model's {len(blocks)} blocks in order, so "
+                               f"they cannot be calibrated one after the other.")
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
+    return [first[1:] for first, *_ in calls], [later for _, *later in calls]
+
+
 class _GramHooks:
     """Forward pre-hooks accumulating X^T X (float64) of each named Linear's input; targets that read the same input
     (q/k/v, gate/up) share one product per batch, and with `share` (each target called once per pass, on the input
@@ -353,8 +391,8 @@ class _GramHooks:
                     flat = flat[mask.to(flat.device)]
                 flat = flat.float()
                 sample = self._sample(flat) if self.rows_per_batch else None
-                # float32 product per batch, float64 sum
-                self._products[key] = (x, (flat.T @ flat).double(), name, sample)
+                # float32 product per batch, float64 sum (added in place, without a float64 copy of the product)
+                self._products[key] = (x, flat.T @ flat, name, sample)
             _, product, first, sample = self._products[key]
             if self.share and first != name:  # the same input as an earlier target (q/k/v, gate/up): one sum
                 self.grams[name] = self.grams[first]
@@ -364,15 +402,17 @@ class _GramHooks:
                 if sample is not None:
                     self.samples[name].append(sample)
             else:
-                self.grams[name] = product.clone()
+                self.grams[name] = product.double()
                 self.samples[name] = [] if sample is None else [sample]
             if stop:
                 raise _StopForward
         return hook
 
     def remove(self) -> None:
+        """Remove the hooks and drop the last batch's inputs and products (the sums stay in `grams`)."""
         for handle in self._handles:
             handle.remove()
+        self._products = {}
 
 
 def _check_all_ran(targets: list[str], seen) -> None:
@@ -422,14 +462,28 @@ def block_grams(model: nn.Module, targets: list[str], batches: list[dict], desc:
         yield grams
 
 
+class BlockStream:
+    """Blocks whose weights stay on disk (streamed compression): `load(name, block)` gives a block its weights
+    before it first runs, `release(name, block)` writes and frees it after its last run."""
+
+    def load(self, name: str, block: nn.Module) -> None:
+        raise NotImplementedError
+
+    def release(self, name: str, block: nn.Module) -> None:
+        raise NotImplementedError
+
+
 def block_statistics(model: nn.Module, targets: list[str], batches: list[dict], desc: str = "Calibrating",
-                     progressbar: bool = True, token_samples: int = 0
+                     progressbar: bool = True, token_samples: int = 0, stream: Optional[BlockStream] = None
                      ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     """Yield ({target: X^T X}, {target: sampled input rows (n, in), float32}) one group of targets at a time, in
     execution order; about `token_samples` rows per target, spread evenly over the batches (none when 0). After each
     yield the caller may replace the group's layers; later groups and blocks then see inputs computed through the
     replacements. Without a list of blocks, or when a block runs more than once per forward (weights shared across
-    depth), all targets' statistics come from one pass over the whole model, every call of a shared layer summed."""
+    depth), all targets' statistics come from one pass over the whole model, every call of a shared layer summed.
+    With a `stream` the blocks hold no weights until `stream.load`: their calls are recorded without running them
+    (`record_block_calls`), each block is loaded before its first group and released once the next block's inputs
+    are computed; every target must sit in the list of blocks."""
     rows_per_batch = -(-token_samples // len(batches)) if token_samples else 0
 
     def statistics(hooks: _GramHooks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -437,9 +491,11 @@ def block_statistics(model: nn.Module, targets: list[str], batches: list[dict], 
         return hooks.grams, samples
 
     blocks = find_blocks(model, targets)
+    if stream is not None and blocks is None:
+        raise ValueError("streamed compression needs every target inside one list of blocks (decoder layers).")
     with torch.no_grad():
         off_text = _off_text_targets(model, targets, batches)
-        if blocks is not None and _reused_blocks(model, blocks, batches[0]):
+        if stream is None and blocks is not None and _reused_blocks(model, blocks, batches[0]):
             blocks = None  # a shared block's statistics are the sum over all its calls: the whole-model pass takes them
         if blocks is None:  # one pass over the whole model, every target's statistics at once
             decoder_rule, handles = _encoder_decoder_padding_rule(model)
@@ -458,9 +514,12 @@ def block_statistics(model: nn.Module, targets: list[str], batches: list[dict], 
             yield statistics(hooks)
             return
         # `inputs` alone holds the hidden states: each block's advance frees the previous ones
-        inputs, later_calls = _capture_block_calls(model, [block for _, block, _ in blocks], batches)
+        capture = _capture_block_calls if stream is None else record_block_calls
+        inputs, later_calls = capture(model, [block for _, block, _ in blocks], batches)
         masks = [_flat_mask(batch) for batch in batches]
-        for index, (_name, block, inside) in enumerate(tqdm(blocks, desc=desc, disable=not progressbar)):
+        for index, (name, block, inside) in enumerate(tqdm(blocks, desc=desc, disable=not progressbar)):
+            if stream is not None:
+                stream.load(name, block)
             groups = _execution_groups(model, block, inside, *inputs[0]) if inside else []
             for group in groups:
                 # a group is the targets that read one input tensor (_execution_groups), each once: one sum
@@ -476,6 +535,8 @@ def block_statistics(model: nn.Module, targets: list[str], batches: list[dict], 
             if index + 1 < len(blocks):  # later_calls[b][index]: the arguments of block index + 1
                 inputs = [_advance(block, args, kwargs, later[index])
                           for (args, kwargs), later in zip(inputs, later_calls)]
+            if stream is not None:
+                stream.release(name, block)
 
 
 def _encoder_decoder_padding_rule(model: nn.Module) -> tuple[Optional[Callable[[str, torch.Tensor], bool]], list]:

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, set_seed
 
 from .calibration import sample_windows
 from .flags import add_config_flags, config_from_flags
 from .integration import QUANT_METHOD, InherQuantizationConfig
 from .model import get_inher_model, model_class_for, plan_inheritance
 from .skeleton import build_skeleton, report_from_description
+from .streaming import StreamingNotSupported, compress_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -61,8 +62,9 @@ def compress(args: argparse.Namespace) -> None:
     if config.needs_calibration and positions is not None and args.calibration_seq_len > positions:
         raise SystemExit(f"inhernet compress: --calibration-seq-len {args.calibration_seq_len} exceeds the model's "
                          f"max_position_embeddings ({positions}).")
-    model = model_class_for(model_config).from_pretrained(args.model, dtype=DTYPES[args.dtype], **load)
-    model.to(args.device)
+    if args.stream == "yes" and (args.gguf_file or args.dry_run):
+        raise SystemExit(f"inhernet compress: --stream yes reads a safetensors checkpoint block by block; it cannot "
+                         f"be combined with {'--gguf-file' if args.gguf_file else '--dry-run'}.")
     tokenizer = AutoTokenizer.from_pretrained(args.model, **load)
     calibration = None
     if config.needs_calibration:
@@ -71,6 +73,25 @@ def compress(args: argparse.Namespace) -> None:
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         calibration = [{k: v.to(args.device) for k, v in batch.items()}
                        for batch in sample_windows(ids, args.calibration_samples, args.calibration_seq_len, args.seed)]
+    set_seed(args.seed)  # the gate's random init: the same output streamed or in memory, run after run
+    start = time.perf_counter()
+    if args.stream != "no" and not args.gguf_file and not args.dry_run:
+        try:
+            skeleton = compress_checkpoint(args.model, config, args.output, calibration_data=calibration,
+                                           tokenizer=tokenizer, device=args.device, dtype=DTYPES[args.dtype])
+        except StreamingNotSupported as err:
+            if args.stream == "yes":
+                raise SystemExit(f"inhernet compress: --stream yes: {err}") from None
+            print(f"inhernet compress: compressing in memory, not streamed: {err}")
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"inhernet compress: {err}") from None
+        else:
+            print(skeleton.inher_report)
+            print(f"compressed block by block (streamed) in {time.perf_counter() - start:.1f} s on {args.device}, "
+                  f"reading included; saved to {args.output}")
+            return
+    model = model_class_for(model_config).from_pretrained(args.model, dtype=DTYPES[args.dtype], **load)
+    model.to(args.device)
     if args.dry_run:
         try:
             print(plan_inheritance(model, config, calibration_data=calibration))
@@ -78,7 +99,6 @@ def compress(args: argparse.Namespace) -> None:
             raise SystemExit(f"inhernet compress: {err}") from None
         print("dry run: nothing compressed or written (energy kept is known only once each layer is factored)")
         return
-    start = time.perf_counter()
     try:
         inherited = get_inher_model(model, config, calibration_data=calibration)
     except (TypeError, ValueError) as err:  # the library's input errors (targets, budgets, calibration, heads)
@@ -86,7 +106,7 @@ def compress(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     inherited.save_pretrained(args.output, tokenizer=tokenizer)
     print(inherited.inher_report)
-    print(f"compressed in {seconds:.1f} s on {args.device}; saved to {args.output}")
+    print(f"compressed in memory in {seconds:.1f} s on {args.device}, loading included; saved to {args.output}")
 
 
 def densify(args: argparse.Namespace) -> None:
@@ -173,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gguf-file", default=None, help="GGUF file inside MODEL (loaded dequantised, as transformers does).")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="Seeds the calibration windows and the gates' random init.")
+    c.add_argument("--stream", choices=["auto", "yes", "no"], default="auto",
+                   help="Compress block by block from the safetensors checkpoint, one dense block in memory at a "
+                        "time (peak memory independent of depth; the same output). auto: streamed when the "
+                        "checkpoint is safetensors, --rank-allocation uniform and the targets sit in repeated "
+                        "blocks, else in memory (saying why); yes: streamed or an error; no: in memory.")
     c.set_defaults(func=compress)
     r = commands.add_parser("report", help="Per-layer table and a PNG plot of an inherited checkpoint.")
     r.add_argument("model", help="Folder or Hub id of an inherited model.")

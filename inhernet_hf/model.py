@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .budget import allocate_ranks, fit_uniform_ranks, pattern_matches, plan_layer
-from .calibration import block_grams, block_statistics, output_sensitivity, prepare_calibration
+from .calibration import (BlockStream, block_grams, block_statistics, find_blocks, output_sensitivity,
+                          prepare_calibration)
 from .card import model_card
 from .config import InherConfig
 from .factor import spectrum
@@ -81,6 +82,15 @@ def get_inher_model(
     recipes/README.md); the recipes use it by default.
     """
     plan = _plan(model, config, calibration_data, tokenizer, progressbar)
+    _inherit_planned(model, config, plan, progressbar)
+    _finish(model, config, plan, progressbar)
+    return model
+
+
+def _inherit_planned(model: nn.Module, config: InherConfig, plan: "_Plan", progressbar: bool,
+                     stream: Optional[BlockStream] = None) -> None:
+    """Factor and replace every planned target, in place (one block at a time for the whitened init); with a
+    `stream`, each block is loaded before and released after its targets are replaced (streamed compression)."""
     targets, modules, records, batches = plan.targets, plan.modules, plan.records, plan.batches
     modes = {name: module.training for name, module in model.named_modules()}
     model.eval()  # calibration passes without dropout; every module's mode is restored after
@@ -90,14 +100,28 @@ def get_inher_model(
             fitting = config.head_init == "fitted" and any(r.num_heads > 1 for r in records)
             for grams, samples in block_statistics(model, targets, batches, desc="Inheriting blocks (whitened)",
                                                    progressbar=progressbar,
-                                                   token_samples=config.head_fit_tokens if fitting else 0):
-                for name, gram in grams.items():
-                    _inherit_one(model, by_name[name], modules.pop(name), config, gram, samples.get(name))
+                                                   token_samples=config.head_fit_tokens if fitting else 0,
+                                                   stream=stream):
+                for name in list(grams):  # popped: each X^T X is freed once its layer is factored
+                    _inherit_one(model, by_name[name], modules.pop(name), config, grams.pop(name),
+                                 samples.pop(name, None))
+        elif stream is not None:
+            for block_name, block, inside in tqdm(find_blocks(model, targets), desc="Inheriting blocks",
+                                                  disable=not progressbar):
+                stream.load(block_name, block)
+                for name in inside:
+                    _inherit_one(model, by_name[name], modules.pop(name), config)
+                stream.release(block_name, block)
         else:
             for record in tqdm(records, desc="Inheriting layers", disable=not progressbar):
                 _inherit_one(model, record, modules.pop(record.name), config)
     finally:
         _restore_modes(model, modes)
+
+
+def _finish(model: nn.Module, config: InherConfig, plan: "_Plan", progressbar: bool) -> InherReport:
+    """After the targets are replaced: trainable modules_to_save, the description, the class; prints the summary."""
+    records = plan.records
     for name in config.modules_to_save or []:
         for module_name, module in model.named_modules():
             if matches([name], module_name):
@@ -114,7 +138,7 @@ def get_inher_model(
             print(f"inhernet_hf: target_modules inferred from the model's repeated blocks: {plan.target_spec}")
         print(f"inhernet_hf: {n} layers inherited, {len(records) - n} kept dense; targeted parameters "
               f"{report.dense_params:,} -> {report.params:,} (ratio {report.ratio:.4f}, {target})")
-    return model
+    return report
 
 
 @dataclass

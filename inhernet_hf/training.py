@@ -116,9 +116,10 @@ UNSUPPORTED_DISTRIBUTED = (DistributedType.DEEPSPEED, DistributedType.FSDP, Dist
 def check_accelerator(accelerator: Accelerator) -> None:
     """`train` drives one process or DDP and accumulates gradients itself: refuse anything else up front."""
     if accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED:
-        raise ValueError(f"accelerate is configured for {accelerator.distributed_type.value}; the recipes' loop "
-                         f"(item-weighted gradient accumulation, gradient clipping over the optimizer's parameters) "
-                         f"is written for one process or DDP (--multi_gpu, or several CPU processes over gloo).")
+        raise ValueError(f"accelerate is configured for {accelerator.distributed_type.value}, which the recipes' "
+                         f"loop does not support yet (its item-weighted gradient accumulation and gradient clipping "
+                         f"are written for one process or DDP): use --multi_gpu, or several CPU processes over gloo. "
+                         f"For a model too large for one device, compress it streamed first (`inhernet compress`).")
     if accelerator.gradient_accumulation_steps != 1:
         raise ValueError(f"The Accelerator accumulates over {accelerator.gradient_accumulation_steps} steps (an "
                          f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS variable?); the loop accumulates itself "
