@@ -99,6 +99,8 @@ def main() -> None:
             m = compress(checkpoint, output, stream, args)
             rows.append({"num_layers": num_layers, "streamed": stream == "yes", "checkpoint_bytes": size, **m,
                          "loads_inherited": loads_inherited(output)})
+            tqdm.write(f"{num_layers} layers, {'streamed' if stream == 'yes' else 'in memory'}: peak RSS "
+                       f"{m['peak_rss'] / 2**20:.0f} MiB, checkpoint {size / 2**20:.0f} MiB, {m['wall_s']:.0f} s")
             shutil.rmtree(output)
         shutil.rmtree(checkpoint)
 
