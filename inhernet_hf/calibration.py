@@ -272,67 +272,41 @@ def _reused_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module, list[str
     return [name for name, count in calls.items() if count > 1]
 
 
-def _capture_block_calls(model: nn.Module, blocks: list[nn.Module],
-                         batches: list[dict]) -> tuple[list[tuple], list[list[tuple]]]:
+def _capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: list[dict],
+                         run_blocks: bool = True) -> tuple[list[tuple], list[list[tuple]]]:
     """Per batch, the arguments each block is called with: the first block's `(args, kwargs)` in full, and the later
     blocks' as `(hidden_positional, args, kwargs)` without the hidden states (position 0, or the `hidden_states`
     keyword), which calibration computes itself through the replaced layers. Blocks of one model can get different
     arguments (the sliding-window and full-attention layers of Gemma or Qwen2: other masks, other rotary tables). The
-    forward pass stops at the last block."""
+    forward pass stops at the last block. Without `run_blocks` (blocks that hold no weights yet: streamed
+    compression) each block's forward is replaced, for the pass, by one that records its arguments and returns its
+    hidden states unchanged (later blocks' hidden states are discarded anyway): only the embeddings and what computes
+    the blocks' other arguments (masks, rotary tables) run."""
     calls: list[list[tuple]] = []
 
-    def hook_for(index: int):
-        def hook(_module, args, kwargs):
-            if len(calls[-1]) != index:  # out of order: the check below reports it
-                raise _StopForward
-            if args:
-                calls[-1].append((True, args if index == 0 else args[1:], kwargs))
-            else:
-                rest = kwargs if index == 0 else {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                calls[-1].append((False, (), rest))
-            if index == len(blocks) - 1:
-                raise _StopForward
-        return hook
+    def record(index: int, args: tuple, kwargs: dict) -> None:
+        if len(calls[-1]) != index:  # out of order: the check below reports it
+            raise _StopForward
+        if args:
+            calls[-1].append((True, args if index == 0 else args[1:], kwargs))
+        else:
+            rest = kwargs if index == 0 else {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            calls[-1].append((False, (), rest))
+        if index == len(blocks) - 1:
+            raise _StopForward
 
-    handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    try:
-        for i, batch in enumerate(batches):
-            calls.append([])
-            try:
-                model(**_model_kwargs(model, batch))
-            except _StopForward:
-                if len(calls[i]) == len(blocks):
-                    continue
-            raise RuntimeError(f"Calibration batch {i} did not call the model's {len(blocks)} blocks in order, so "
-                               f"they cannot be calibrated one after the other.")
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [first[1:] for first, *_ in calls], [later for _, *later in calls]
-
-
-def record_block_calls(model: nn.Module, blocks: list[nn.Module],
-                       batches: list[dict]) -> tuple[list[tuple], list[list[tuple]]]:
-    """`_capture_block_calls` without running the blocks (they may hold no weights): each block's forward is
-    replaced, for the pass, by one that records its arguments and returns its hidden states unchanged (later
-    blocks' hidden states are discarded anyway), and the pass stops at the last block. Only the embeddings and
-    what computes the blocks' other arguments (masks, rotary tables) run."""
-    calls: list[list[tuple]] = []
-
-    def recorder(index: int):
+    def stand_in(index: int):
         def forward(*args, **kwargs):
-            if args:
-                calls[-1].append((True, args if index == 0 else args[1:], kwargs))
-            else:
-                rest = kwargs if index == 0 else {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                calls[-1].append((False, (), rest))
-            if index == len(blocks) - 1:
-                raise _StopForward
+            record(index, args, kwargs)
             return args[0] if args else kwargs["hidden_states"]
         return forward
 
-    for i, block in enumerate(blocks):
-        block.forward = recorder(i)
+    if run_blocks:
+        handles = [block.register_forward_pre_hook(lambda _m, args, kwargs, i=i: record(i, args, kwargs),
+                                                   with_kwargs=True) for i, block in enumerate(blocks)]
+    else:
+        for i, block in enumerate(blocks):
+            block.forward = stand_in(i)
     try:
         for i, batch in enumerate(batches):
             calls.append([])
@@ -344,8 +318,12 @@ def record_block_calls(model: nn.Module, blocks: list[nn.Module],
             raise RuntimeError(f"Calibration batch {i} did not call the model's {len(blocks)} blocks in order, so "
                                f"they cannot be calibrated one after the other.")
     finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
+        if run_blocks:
+            for handle in handles:
+                handle.remove()
+        else:
+            for block in blocks:
+                del block.forward  # the class's forward again
     return [first[1:] for first, *_ in calls], [later for _, *later in calls]
 
 
@@ -482,8 +460,8 @@ def block_statistics(model: nn.Module, targets: list[str], batches: list[dict], 
     replacements. Without a list of blocks, or when a block runs more than once per forward (weights shared across
     depth), all targets' statistics come from one pass over the whole model, every call of a shared layer summed.
     With a `stream` the blocks hold no weights until `stream.load`: their calls are recorded without running them
-    (`record_block_calls`), each block is loaded before its first group and released once the next block's inputs
-    are computed; every target must sit in the list of blocks."""
+    (`_capture_block_calls(run_blocks=False)`), each block is loaded before its first group and released once the
+    next block's inputs are computed; every target must sit in the list of blocks."""
     rows_per_batch = -(-token_samples // len(batches)) if token_samples else 0
 
     def statistics(hooks: _GramHooks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -514,8 +492,8 @@ def block_statistics(model: nn.Module, targets: list[str], batches: list[dict], 
             yield statistics(hooks)
             return
         # `inputs` alone holds the hidden states: each block's advance frees the previous ones
-        capture = _capture_block_calls if stream is None else record_block_calls
-        inputs, later_calls = capture(model, [block for _, block, _ in blocks], batches)
+        inputs, later_calls = _capture_block_calls(model, [block for _, block, _ in blocks], batches,
+                                                   run_blocks=stream is None)
         masks = [_flat_mask(batch) for batch in batches]
         for index, (name, block, inside) in enumerate(tqdm(blocks, desc=desc, disable=not progressbar)):
             if stream is not None:
